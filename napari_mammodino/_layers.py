@@ -1,0 +1,65 @@
+"""MammoImages -> napari layer-data tuples: scale in mm, DICOM window as contrast limits, hanging protocol.
+
+Shared by the reader, the sample data and the demo so that all three show an exam the same way.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from napari.utils.colormaps import Colormap
+
+from training.display import ViewerDisplay, frames_share_display, to_display, viewer_display
+from training.hanging import Placement, hanging_protocol
+from training.io import MammoImage
+
+
+def _colormap(display: ViewerDisplay, key: str) -> Any:
+    if display.levels is None:
+        return "gray_r" if display.inverted else "gray"
+    levels = 1.0 - display.levels if display.inverted else display.levels
+    colors = np.column_stack([levels, levels, levels, np.ones_like(levels)])
+    return Colormap(colors=colors, name=f"mammodino-voi-{key}", display_name="DICOM VOI")
+
+
+def _display_stack(image: MammoImage):
+    """Volumes whose frames carry different windows: apply each frame's own VOI, lazily per chunk."""
+    def block(values: np.ndarray, block_info: dict | None = None) -> np.ndarray:
+        frame = block_info[0]["chunk-location"][0]
+        return to_display(values, image.meta, frame=frame)
+
+    return image.data.map_blocks(block, dtype=np.float32)
+
+
+def image_layer(image: MammoImage, placement: Placement | None = None) -> tuple[Any, dict, str]:
+    meta = image.meta
+    data = image.data
+    if frames_share_display(meta):
+        display = viewer_display(meta)
+        contrast, colormap = display.contrast_limits, _colormap(display, Path(meta.path).name)
+    else:
+        data, contrast, colormap = _display_stack(image), (0.0, 1.0), "gray"
+    name = f"{meta.laterality or ''}{meta.view or ''} {Path(meta.path).name}".strip()
+    kwargs: dict[str, Any] = dict(name=name, contrast_limits=contrast, colormap=colormap,
+                                  metadata={"mammodino": meta.to_json()})
+    if placement is not None:
+        if placement.flip:
+            data = data[..., ::-1]
+        kwargs.update(scale=placement.scale, translate=placement.translate,
+                      units=placement.units if placement.units == "mm" else "pixel")
+        kwargs["metadata"].update(flipped=placement.flip, chest_wall=placement.chest_wall,
+                                  chest_wall_source=placement.chest_wall_source)
+    elif meta.spacing_mm:
+        kwargs.update(scale=meta.spacing_mm, units="mm")
+    if meta.is_volume:
+        kwargs["axis_labels"] = ("slice", "y", "x")
+    return data, kwargs, "image"
+
+
+def exam_layers(images: list[MammoImage]) -> list[tuple[Any, dict, str]]:
+    """One image as it is stored; several (an exam) in the hanging protocol."""
+    if len(images) == 1:
+        return [image_layer(images[0])]
+    return [image_layer(p.image, p) for p in hanging_protocol(images)]
