@@ -13,21 +13,19 @@ from pathlib import Path
 import numpy as np
 
 
-def build_viewer(exam: str = "benign", show: bool = True):
-    import napari
-
+def show_exam(viewer, exam: str = "benign"):
+    """Add a CBIS-DDSM exam in the hanging protocol, with view labels, to `viewer`."""
     from ._sample_data import cbis_benign_exam, cbis_malignant_exam
 
     layers = cbis_benign_exam() if exam == "benign" else cbis_malignant_exam()
-    viewer = napari.Viewer(title=f"MammoDINO - CBIS-DDSM {exam} exam", show=show)
     for data, kwargs, _ in layers:
         viewer.add_image(data, **kwargs)
-    # View labels at each image's outer top corner, as clinical viewers print them.
+    # View labels at each image's outer bottom corner (film labels usually sit at the top).
     corners, texts = [], []
     for layer in viewer.layers:
         (top, left), (bottom, right) = layer.extent.world[:, -2:]
-        corners.append([top + 0.03 * (bottom - top), left + 0.1 * (right - left) if layer.metadata.get(
-            "chest_wall") == "right" or layer.name.startswith("R") else right - 0.1 * (right - left)])
+        inset = 0.08 * (right - left)
+        corners.append([bottom - 0.04 * (bottom - top), left + inset if layer.name[:1] == "R" else right - inset])
         texts.append(layer.name.split()[0])
     viewer.add_points(np.array(corners), name="view labels", size=0, features={"view": texts},
                       text={"string": "{view}", "color": "yellow", "size": 14})
@@ -41,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="render to this PNG instead of opening a window")
     parser.add_argument("--exam", choices=["benign", "malignant"], default="benign")
     args = parser.parse_args(argv)
-    viewer = build_viewer(args.exam, show=True)  # headless still draws, on Xvfb
+    import napari
+
+    # Headless still shows the window, on Xvfb: an unshown canvas renders nothing.
+    viewer = show_exam(napari.Viewer(title=f"MammoDINO - CBIS-DDSM {args.exam} exam"), args.exam)
     if args.headless:
         out = Path(args.headless)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -51,8 +52,6 @@ def main(argv: list[str] | None = None) -> int:
         viewer.close()
         print(out)
         return 0
-    import napari
-
     napari.run()
     return 0
 

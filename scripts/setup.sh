@@ -26,7 +26,8 @@ stamp=".venv/.mammodino-installed"
 want=$(sha256sum pyproject.toml | cut -d' ' -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages into .venv (first run takes a few minutes)" >&2
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[samples,test]"
+  pip() { .venv/bin/python -m pip "$@" 2> >(grep -v "^WARNING: Location" >&2); }  # this host's pip.conf is noisy
+  pip install -q --upgrade pip
+  pip install -q -e ".[samples,test]"
   echo "$want" > "$stamp"
 fi

@@ -36,7 +36,7 @@ def fallback_window(meta: ImageMeta) -> Window:
     else:
         lo = meta.rescale_intercept
         hi = (2 ** meta.bits_stored - 1) * meta.rescale_slope + meta.rescale_intercept
-    return Window(center=(lo + hi) / 2 + 0.5, width=hi - lo + 1, function="LINEAR_EXACT",
+    return Window(center=(lo + hi) / 2, width=max(hi - lo, 1), function="LINEAR_EXACT",
                   explanation="from header range")
 
 
