@@ -41,9 +41,33 @@ def read_mammograms(path: str | list[str]) -> list[tuple[Any, ...]]:
     """Lazy layers for the files/folders; a file we claimed but can't read gives one notification."""
     paths = [path] if isinstance(path, (str, os.PathLike)) else list(path)
     try:
-        return exam_layers(open_many(paths))
+        layers = exam_layers(open_many(paths))
     except MammoInputError as exc:
         from napari.utils.notifications import show_error
 
         show_error(str(exc))
         return [(None,)]  # npe2's "nothing to add" sentinel: no second error, napari keeps running
+    _show_only_the_current_slice(layers)
+    return layers
+
+
+def _show_only_the_current_slice(layers: list[tuple[Any, dict, str]]) -> None:
+    """A new layer slices itself at index 0 before the viewer moves it to the middle slice, which
+    would decode a frame nobody sees. Volumes are therefore created hidden and revealed once they
+    are in the viewer, so the first decode is the slice on screen."""
+    from napari import current_viewer
+
+    viewer = current_viewer()
+    if viewer is None:
+        return
+    viewer.layers.events.inserted.connect(_reveal)  # the same callback twice is connected once
+    for data, kwargs, _ in layers:
+        if getattr(data, "ndim", 0) == 3 and kwargs.get("visible", True):
+            kwargs["visible"] = False
+            kwargs["metadata"]["mammodino_reveal"] = True
+
+
+def _reveal(event: Any) -> None:
+    layer = event.value
+    if layer.metadata.pop("mammodino_reveal", False):
+        layer.visible = True
