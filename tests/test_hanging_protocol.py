@@ -62,3 +62,10 @@ def test_headless_screenshot_shows_four_windowed_views_chest_walls_inward(make_n
     centre = block[:, w // 2 - w // 10: w // 2 + w // 10].mean()
     outer = np.r_[block[:, : w // 10].ravel(), block[:, -w // 10:].ravel()].mean()
     assert centre > 2 * outer
+
+
+def test_sample_data_contribution_opens_through_napari(make_napari_viewer):
+    viewer = make_napari_viewer()
+    viewer.open_sample("napari-mammodino", "cbis_malignant")
+    assert sorted(layer.name.split()[0] for layer in viewer.layers) == ["LCC", "LMLO", "RCC", "RMLO"]
+    assert all(layer.metadata["mammodino"]["patient_id"].startswith("Mass-Test_P_00820") for layer in viewer.layers)

@@ -5,25 +5,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import training.io as tio
 from napari_mammodino._reader import napari_get_reader
-from tests.dicom_factory import labelled_volume, ramp, truncate, write_enhanced_dbt, write_ffdm, write_slice_series
+from dicom_factory import labelled_volume, ramp, truncate, write_enhanced_dbt, write_ffdm, write_slice_series
 
 PLUGIN = "napari-mammodino"
-
-
-@pytest.fixture
-def decoded(monkeypatch) -> list[int]:
-    """Indices of every frame decoded from now on."""
-    calls: list[int] = []
-    original = tio.FrameSource.read
-
-    def counting(self, index):
-        calls.append(index)
-        return original(self, index)
-
-    monkeypatch.setattr(tio.FrameSource, "read", counting)
-    return calls
 
 
 def test_get_reader_claims_dicom_by_marker_and_never_raises(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from typing import Any, Callable
 
 from .errors import MammoInputError
@@ -60,13 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     command, _ = COMMANDS[args.command]
-    try:
-        report = command(args)
-    except MammoInputError as exc:
-        print(f"mammodino {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        return 130
+    # pydicom warns (several lines each) about every malformed value it meets; held here so that bad
+    # input still gives exactly one line on stderr, and shown one line each when the command succeeds.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        try:
+            report = command(args)
+        except MammoInputError as exc:
+            print(f"mammodino {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            return 130
+    for message in dict.fromkeys(" ".join(str(w.message).split()) for w in caught):
+        print(f"mammodino {args.command}: warning: {message}", file=sys.stderr)
     if getattr(args, "json", False):
         print(json.dumps(report, default=str))
     else:

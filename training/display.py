@@ -65,7 +65,9 @@ def apply_voi_to(values: np.ndarray, voi: Window | VoiLut) -> np.ndarray:
         mini.VOILUTFunction = voi.function
         return (apply_windowing(values, mini) / (2 ** _OUT_BITS - 1)).astype(np.float32)
     item = Dataset()
-    item.LUTDescriptor = [len(voi.data) % 65536, voi.first_mapped, voi.bits]
+    # Always 16: pydicom indexes the table with an array of the descriptor's dtype, so an 8-bit
+    # descriptor wraps every index above 255. The output is scaled by voi.bits below.
+    item.LUTDescriptor = [len(voi.data) % 65536, voi.first_mapped, 16]
     item.LUTData = list(voi.data)
     mini.VOILUTSequence = [item]
     # LUT input must be integral: modality values index the table.

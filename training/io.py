@@ -157,6 +157,9 @@ def _short(exc: BaseException) -> str:
 
 
 def _pixel_source(path: str, ds: Dataset, f: Any, tag_start: int, size: int) -> FrameSource:
+    if str(ds.file_meta.get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99":
+        raise MammoInputError(f"{path}: Deflated Explicit VR Little Endian cannot be read frame by frame; "
+                              "inflate it first (e.g. dcmconv +te)")
     head = f.read(12)
     if len(head) < 8:
         raise MammoInputError(f"{path}: has no pixel data (the file ends after the header; truncated?)")
@@ -177,7 +180,7 @@ def _pixel_source(path: str, ds: Dataset, f: Any, tag_start: int, size: int) -> 
     bits_allocated = _required_int(ds, "BitsAllocated", path)
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    n_frames = int(ds.get("NumberOfFrames", 1) or 1)
+    n_frames = _required_int(ds, "NumberOfFrames", path, default=1) or 1
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise MammoInputError(f"{path}: {photometric or 'no photometric'} with {samples} samples per "
                               "pixel is not a grey-scale X-ray image (MONOCHROME1/2 expected)")
@@ -222,14 +225,25 @@ def _pixel_source(path: str, ds: Dataset, f: Any, tag_start: int, size: int) -> 
             raise MammoInputError(f"{path}: pixel data is shorter than the header says ({have} of "
                                   f"{expected} bytes for {n_frames} x {rows} x {cols}); the file is "
                                   "truncated or its header is wrong")
+    try:  # rescale changes every pixel value: a damaged one must fail here, with the file named
+        for frame in range(n_frames):
+            rescale_of(ds, frame)
+    except MammoInputError as exc:
+        raise MammoInputError(f"{path}: {exc}") from None
     return FrameSource(path, value_start, str(ts), n_frames, options)
 
 
-def _required_int(ds: Dataset, keyword: str, path: str) -> int:
+def _required_int(ds: Dataset, keyword: str, path: str, default: int | None = None) -> int:
     value = ds.get(keyword)
     if value is None or value == "":
+        if default is not None:
+            return default
         raise MammoInputError(f"{path}: required attribute {keyword} is missing")
-    return int(value)
+    try:  # a text VR (IS) may hold anything in a damaged header
+        return int(value)
+    except (TypeError, ValueError):
+        raise MammoInputError(f"{path}: {keyword} is {str(value)[:40]!r}, not a number; the header is "
+                              "corrupt") from None
 
 
 def _fragment_table(path: str, f: Any, start: int, size: int, n_frames: int) -> tuple[list[int], list[int]] | None:

