@@ -48,7 +48,7 @@ def image_layer(image: MammoImage, placement: Placement | None = None) -> tuple[
         if placement.flip:
             data = data[..., ::-1]
         kwargs.update(scale=placement.scale, translate=placement.translate,
-                      units=placement.units if placement.units == "mm" else "pixel")
+                      units=placement.units)
         kwargs["metadata"].update(flipped=placement.flip, chest_wall=placement.chest_wall,
                                   chest_wall_source=placement.chest_wall_source)
     elif meta.spacing_mm:

@@ -220,11 +220,10 @@ def laterality_of(ds: Dataset, filename: str = "") -> tuple[str | None, str | No
 
 
 def _patient_orientation(ds: Dataset) -> list[str]:
-    po = ds.get("PatientOrientation", None)
-    if po is None or po == "":
+    value = ds.get("PatientOrientation")
+    if not value:
         return []
-    return [str(v).upper() for v in (po if isinstance(po, (list, tuple)) or hasattr(po, "__len__")
-                                     and not isinstance(po, str) else [po])]
+    return [str(v).upper() for v in ([value] if isinstance(value, str) else list(value))]
 
 
 def in_plane_spacing(ds: Dataset) -> tuple[tuple[float, float] | None, str | None]:
