@@ -26,7 +26,10 @@ def voi_names(meta: ImageMeta) -> list[str]:
     """Human names of the VOI choices, windows first then LUTs, as a viewer would list them."""
     names = [w.explanation or f"window {w.center:g}/{w.width:g} {w.function}" for w in meta.windows]
     names += [lut.explanation or f"VOI LUT {i + 1}" for i, lut in enumerate(meta.voi_luts)]
-    return names or [f"fallback window {fallback_window(meta).center:g}/{fallback_window(meta).width:g}"]
+    if names:
+        return names
+    fallback = fallback_window(meta)
+    return [f"fallback window {fallback.center:g}/{fallback.width:g}"]
 
 
 def fallback_window(meta: ImageMeta) -> Window:
