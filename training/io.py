@@ -65,6 +65,7 @@ class FrameSource:
     transfer_syntax: str
     n_frames: int
     options: dict[str, Any] = field(hash=False)
+    rescale: tuple[tuple[float, float], ...] = field(hash=False, default=())  # (slope, intercept) per frame
 
     def read(self, index: int) -> np.ndarray:
         """Decode frame `index` only (stored values, before any LUT)."""
@@ -226,11 +227,10 @@ def _pixel_source(path: str, ds: Dataset, f: Any, tag_start: int, size: int) -> 
                                   f"{expected} bytes for {n_frames} x {rows} x {cols}); the file is "
                                   "truncated or its header is wrong")
     try:  # rescale changes every pixel value: a damaged one must fail here, with the file named
-        for frame in range(n_frames):
-            rescale_of(ds, frame)
+        rescale = tuple(rescale_of(ds, frame)[:2] for frame in range(n_frames))
     except MammoInputError as exc:
         raise MammoInputError(f"{path}: {exc}") from None
-    return FrameSource(path, value_start, str(ts), n_frames, options)
+    return FrameSource(path, value_start, str(ts), n_frames, options, rescale)
 
 
 def _required_int(ds: Dataset, keyword: str, path: str, default: int | None = None) -> int:
@@ -344,7 +344,7 @@ def open_series(paths: list[Path], headers: list[tuple[Dataset, FrameSource]] | 
     """Single-frame files of one volume, sorted by position into a (slices, rows, cols) lazy stack."""
     headers = headers or [read_header(p) for p in paths]
     order, positions = _slice_order([h for h, _ in headers], paths)
-    frames = [FrameRef(headers[i][1], 0, *rescale_of(headers[i][0], 0)[:2]) for i in order]
+    frames = [FrameRef(headers[i][1], 0, *headers[i][1].rescale[0]) for i in order]
     first = headers[order[0]][0]
     data = lazy_stack(frames, volume=True)
     meta = build_meta(first, str(paths[order[0]].parent), data.shape, str(data.dtype), len(frames),
@@ -374,7 +374,7 @@ def open_folder(folder: str | os.PathLike) -> list[MammoImage]:
 
 
 def _from_header(path: Path, ds: Dataset, source: FrameSource) -> MammoImage:
-    frames = [FrameRef(source, i, *rescale_of(ds, i)[:2]) for i in range(source.n_frames)]
+    frames = [FrameRef(source, i, *source.rescale[i]) for i in range(source.n_frames)]
     data = lazy_stack(frames, source.n_frames > 1)
     return MammoImage(data, build_meta(ds, str(path), data.shape, str(data.dtype), source.n_frames), ds, frames)
 
