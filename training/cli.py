@@ -44,23 +44,31 @@ def _print_human(report: dict[str, Any]) -> None:
         print(f"{key:<{width}}  {value}")
 
 
-COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]], str]] = {
-    "info": (cmd_info, "print what a DICOM file or series folder holds (kind, shape, spacing, view, windows)"),
+def args_info(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("path", help="a DICOM file (any extension) or a folder holding one series")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+
+# name -> (run, add_arguments, one-line help). Each command imports what it needs inside `run`, so
+# that `mammodino info` never pays for torch or scikit-image.
+COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]],
+                          Callable[[argparse.ArgumentParser], None], str]] = {
+    "info": (cmd_info, args_info,
+             "print what a DICOM file or series folder holds (kind, shape, spacing, view, windows)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mammodino", description="MammoDINO: mammography I/O and self-supervised encoders")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    info = sub.add_parser("info", help=COMMANDS["info"][1], description=COMMANDS["info"][1])
-    info.add_argument("path", help="a DICOM file (any extension) or a folder holding one series")
-    info.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    for name, (_, add_arguments, help_text) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    command, _ = COMMANDS[args.command]
+    command = COMMANDS[args.command][0]
     # pydicom warns (several lines each) about every malformed value it meets; held here so that bad
     # input still gives exactly one line on stderr, and shown one line each when the command succeeds.
     with warnings.catch_warnings(record=True) as caught:
