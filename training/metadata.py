@@ -16,6 +16,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import UID
 
 from .errors import MammoInputError
+from .frame_groups import Item, functional_groups
 
 MAMMO_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.2",  # Digital Mammography X-Ray Image Storage - For Presentation
@@ -119,19 +120,14 @@ class ImageMeta:
 
 
 def _first(seq_item: Any, keyword: str) -> Any:
-    """Item 0 of a sequence attribute, or None."""
-    seq = getattr(seq_item, keyword, None) if seq_item is not None else None
+    """Item 0 of a sequence attribute (of a Dataset or a functional-group Item), or None."""
+    seq = seq_item.get(keyword) if seq_item is not None else None
     return seq[0] if seq else None
 
 
-def _functional(ds: Dataset, macro: str, frame: int = 0) -> Dataset | None:
+def _functional(ds: Dataset, macro: str, frame: int = 0) -> Item | None:
     """A functional-group macro (e.g. PixelMeasuresSequence) for a frame: per-frame wins over shared."""
-    per_frame = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
-    if per_frame and frame < len(per_frame):
-        item = _first(per_frame[frame], macro)
-        if item is not None:
-            return item
-    return _first(_first(ds, "SharedFunctionalGroupsSequence"), macro)
+    return functional_groups(ds).item(macro, frame)
 
 
 def _floats(value: Any) -> list[float]:
@@ -318,8 +314,7 @@ def _windows_in(item: Dataset | None) -> list[Window]:
 def windows_of(ds: Dataset, n_frames: int) -> tuple[list[Window], list[list[Window]] | None]:
     """Stored windows (top level, else functional groups) and per-frame windows where they differ."""
     windows = _windows_in(ds) or _windows_in(_functional(ds, "FrameVOILUTSequence"))
-    per_frame_seq = getattr(ds, "PerFrameFunctionalGroupsSequence", None)
-    if not per_frame_seq:
+    if not len(functional_groups(ds)):
         return windows, None
     frames = [_windows_in(_functional(ds, "FrameVOILUTSequence", i)) for i in range(n_frames)]
     if all(f == frames[0] for f in frames) and frames[0] == windows:
