@@ -13,7 +13,7 @@ from napari.utils.colormaps import Colormap
 
 from training.display import ViewerDisplay, frames_share_display, to_display, viewer_display
 from training.hanging import Placement, hanging_protocol
-from training.io import MammoImage
+from training.io import FrameStack, MammoImage
 
 
 def _colormap(display: ViewerDisplay, key: str) -> Any:
@@ -24,29 +24,21 @@ def _colormap(display: ViewerDisplay, key: str) -> Any:
     return Colormap(colors=colors, name=f"mammodino-voi-{key}", display_name="DICOM VOI")
 
 
-def _display_stack(image: MammoImage):
-    """Volumes whose frames carry different windows: apply each frame's own VOI, lazily per chunk."""
-    def block(values: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        frame = block_info[0]["chunk-location"][0]
-        return to_display(values, image.meta, frame=frame)
-
-    return image.data.map_blocks(block, dtype=np.float32)
-
-
 def image_layer(image: MammoImage, placement: Placement | None = None) -> tuple[Any, dict, str]:
     meta = image.meta
-    data = image.data
+    steps = []  # applied to each frame as napari asks for it
     if frames_share_display(meta):
         display = viewer_display(meta)
-        contrast, colormap = display.contrast_limits, _colormap(display, Path(meta.path).name)
-    else:
-        data, contrast, colormap = _display_stack(image), (0.0, 1.0), "gray"
+        contrast, colormap, dtype = display.contrast_limits, _colormap(display, Path(meta.path).name), None
+    else:  # frames carry different windows: apply each frame's own VOI
+        steps.append(lambda values, frame: to_display(values, meta, frame=frame))
+        contrast, colormap, dtype = (0.0, 1.0), "gray", np.float32
     name = f"{meta.laterality or ''}{meta.view or ''} {Path(meta.path).name}".strip()
     kwargs: dict[str, Any] = dict(name=name, contrast_limits=contrast, colormap=colormap,
                                   metadata={"mammodino": meta.to_json()})
     if placement is not None:
         if placement.flip:
-            data = data[..., ::-1]
+            steps.append(lambda values, frame: values[..., ::-1])
         kwargs.update(scale=placement.scale, translate=placement.translate,
                       units=placement.units)
         kwargs["metadata"].update(flipped=placement.flip, chest_wall=placement.chest_wall,
@@ -55,7 +47,16 @@ def image_layer(image: MammoImage, placement: Placement | None = None) -> tuple[
         kwargs.update(scale=meta.spacing_mm, units="mm")
     if meta.is_volume:
         kwargs["axis_labels"] = ("slice", "y", "x")
+    data = FrameStack(image, _chain(steps) if steps else None, dtype)
     return data, kwargs, "image"
+
+
+def _chain(steps: list) -> Any:
+    def transform(values: np.ndarray, frame: int) -> np.ndarray:
+        for step in steps:
+            values = step(values, frame)
+        return values
+    return transform
 
 
 def exam_layers(images: list[MammoImage]) -> list[tuple[Any, dict, str]]:

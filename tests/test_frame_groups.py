@@ -37,24 +37,26 @@ def _ours(path):
     return out, groups
 
 
-def _undefined_lengths(ds):
-    """Mark every sequence and item of `ds` undefined-length, as many modalities write them."""
+def _undefined_lengths(ds, from_depth=0, depth=0):
+    """Mark the sequences and items of `ds` (nested `from_depth` deep or more) undefined-length, as
+    many modalities write them."""
     for element in ds:
         if element.VR == "SQ":
-            element.is_undefined_length = True
+            element.is_undefined_length = depth >= from_depth
             for item in element.value:
-                item.is_undefined_length_sequence_item = True
-                _undefined_lengths(item)
+                item.is_undefined_length_sequence_item = depth >= from_depth
+                _undefined_lengths(item, from_depth, depth + 1)
 
 
 @pytest.mark.parametrize("encoding", ["explicit, defined lengths", "explicit, undefined lengths",
-                                      "implicit VR", "implicit VR, undefined lengths"])
+                                      "explicit, nested undefined lengths", "implicit VR",
+                                      "implicit VR, undefined lengths"])
 def test_functional_groups_match_pydicom_in_every_encoding(tmp_path, encoding):
     path = write_enhanced_dbt(tmp_path / "dbt.dcm", labelled_volume(7), per_frame_windows=WINDOWS,
                               spacing=(0.1, 0.12), laterality="L")
     ds = pydicom.dcmread(path)
     if "undefined" in encoding:
-        _undefined_lengths(ds)
+        _undefined_lengths(ds, from_depth=1 if "nested" in encoding else 0)
     implicit = "implicit" in encoding
     if implicit:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian

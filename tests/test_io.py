@@ -13,7 +13,7 @@ from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessS
 
 from dicom_factory import labelled_volume, ramp, write_enhanced_dbt, write_ffdm, write_slice_series
 from training.errors import MammoInputError
-from training.io import open_file, open_image, open_path
+from training.io import FrameStack, open_file, open_image, open_path
 
 
 def test_shuffled_series_folder_opens_in_position_order(tmp_path):
@@ -109,3 +109,32 @@ def test_real_rle_mammogram_decodes(cbis_cases):
     pixels = image.data.compute()
     assert pixels.shape == image.meta.shape and pixels.std() > 100
     np.testing.assert_array_equal(pixels, pydicom.dcmread(path).pixel_array)
+
+
+def test_frame_stack_indexes_like_the_array_and_keeps_only_a_few_frames(tmp_path, decoded):
+    """What napari slices: numpy semantics, each frame decoded once while it stays among the last
+    `keep`, the transform applied per frame."""
+    volume = labelled_volume(10)
+    image = open_file(write_enhanced_dbt(tmp_path / "dbt.dcm", volume))
+    stack = FrameStack(image, transform=lambda values, frame: values[:, ::-1], keep=3)
+    flipped = volume[..., ::-1]
+    assert (stack.shape, stack.ndim, stack.dtype, len(stack)) == (volume.shape, 3, volume.dtype, 10)
+    np.testing.assert_array_equal(stack[4], flipped[4])
+    np.testing.assert_array_equal(stack[-1, 5:9, ::2], flipped[-1, 5:9, ::2])
+    np.testing.assert_array_equal(stack[2:8:3], flipped[2:8:3])
+    np.testing.assert_array_equal(stack[..., 7], flipped[..., 7])
+    np.testing.assert_array_equal(np.asarray(stack), flipped)
+    decoded.clear()
+    stack[9], stack[9], stack[8]  # both still cached after the full read: no decode
+    assert decoded == []
+    stack[0]
+    assert decoded == [0] and len(stack._cache) == 3
+    with pytest.raises(IndexError):
+        stack[10]
+
+
+def test_frame_stack_of_a_2d_image(tmp_path):
+    pixels = ramp((32, 24))
+    stack = FrameStack(open_file(write_ffdm(tmp_path / "x.dcm", pixels)), dtype=np.float32)
+    np.testing.assert_array_equal(stack[3:5, ::-1], pixels[3:5, ::-1].astype(np.float32))
+    assert stack[...].dtype == np.float32 and stack.shape == (32, 24)
