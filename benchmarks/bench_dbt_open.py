@@ -427,6 +427,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per case (after one warm-up)")
     parser.add_argument("--workdir", type=Path, help="keep the DICOM files here and reuse them next time "
                         "(default: a temporary folder, deleted afterwards)")
+    parser.add_argument("--only", choices=sorted(FILES), help="measure one of the two files (default: both)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--child", help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
     args = parser.parse_args()
@@ -438,6 +439,8 @@ def main() -> None:
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         paths = write_files(workdir, args.frames, args.rows, args.cols)
+        if args.only:
+            paths = {args.only: paths[args.only]}
         log(f"measuring (1 warm-up + {args.repeats} runs per case, each in a fresh process) ...")
         # Other work on a small machine skews timings: count the CPU time it took while we measured.
         started, busy_before, own_before = time.perf_counter(), busy_cpu_s(), own_cpu_s()

@@ -89,7 +89,7 @@ def _convert(element: Any) -> Any:
     return convert_value(vr, element)
 
 
-def _parse_item(elements: Iterable[Any], encoding: tuple[bool, bool]) -> Item:
+def _parse_item(elements: Iterable[Any], encoding: tuple[bool, bool], memo: dict[bytes, Item]) -> Item:
     raw: dict[int, Any] = {}
     for element in elements:
         vr = element.VR
@@ -98,14 +98,16 @@ def _parse_item(elements: Iterable[Any], encoding: tuple[bool, bool]) -> Item:
                 continue
             vr = dictionary_VR(element.tag).split(" or ")[0]  # "US or SS": either reads
             element = element._replace(VR=vr)
-        raw[element.tag] = _parse_sequence(element.value, encoding) if vr == "SQ" else element
+        raw[element.tag] = _parse_sequence(element.value, encoding, memo) if vr == "SQ" else element
     return Item(raw)
 
 
-def _parse_sequence(value: Any, encoding: tuple[bool, bool]) -> list[Item]:
-    """A sequence value, raw bytes (defined length, not yet parsed) or a parsed pydicom Sequence."""
+def _parse_sequence(value: Any, encoding: tuple[bool, bool], memo: dict[bytes, Item]) -> list[Item]:
+    """A sequence value, raw bytes (defined length, not yet parsed) or a parsed pydicom Sequence.
+    `memo` maps item bytes already parsed to their Item: most per-frame macros (the window, the
+    pixel measures) repeat byte for byte in every frame and are parsed once."""
     if isinstance(value, Sequence) or isinstance(value, list):
-        return [_parse_item(ds.elements(), encoding) for ds in value]
+        return [_parse_item(ds.elements(), encoding, memo) for ds in value]
     implicit, little = encoding
     stream, items = io.BytesIO(bytes(value or b"")), []
     while True:
@@ -120,16 +122,18 @@ def _parse_sequence(value: Any, encoding: tuple[bool, bool]) -> list[Item]:
         if length == 0xFFFFFFFF:
             # pydicom's generator: an undefined-length item ends where it meets the Item
             # Delimitation Item, leaving the stream just after it.
-            items.append(_parse_item(data_element_generator(stream, implicit, little), encoding))
+            items.append(_parse_item(data_element_generator(stream, implicit, little), encoding, memo))
             continue
         buffer = stream.read(length)
-        if not implicit and little:
+        if buffer not in memo:
             try:
-                items.append(_parse_item(_explicit_little(buffer), encoding))
-                continue
+                if implicit or not little:
+                    raise _Unusual("not explicit VR little endian")
+                memo[buffer] = _parse_item(_explicit_little(buffer), encoding, memo)
             except _Unusual:
-                pass
-        items.append(_parse_item(data_element_generator(io.BytesIO(buffer), implicit, little), encoding))
+                elements = data_element_generator(io.BytesIO(buffer), implicit, little)
+                memo[buffer] = _parse_item(elements, encoding, memo)
+        items.append(memo[buffer])
 
 
 class _Unusual(Exception):
@@ -190,11 +194,12 @@ def functional_groups(ds: Dataset) -> FunctionalGroups:
     implicit, little = ds.original_encoding
     encoding = (bool(implicit), little is not False)
     parsed: dict[Tag, list[Item]] = {}
+    memo: dict[bytes, Item] = {}
     for tag in (SHARED, PER_FRAME):
         if tag in ds:
             element = ds.get_item(tag)
             try:
-                parsed[tag] = _parse_sequence(element.value, encoding)
+                parsed[tag] = _parse_sequence(element.value, encoding, memo)
             except (ValueError, struct.error, EOFError):
                 parsed[tag] = []  # a damaged sequence counts as absent, as pydicom's lenient reading would
     shared = parsed.get(SHARED) or []

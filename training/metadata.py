@@ -316,7 +316,13 @@ def windows_of(ds: Dataset, n_frames: int) -> tuple[list[Window], list[list[Wind
     windows = _windows_in(ds) or _windows_in(_functional(ds, "FrameVOILUTSequence"))
     if not len(functional_groups(ds)):
         return windows, None
-    frames = [_windows_in(_functional(ds, "FrameVOILUTSequence", i)) for i in range(n_frames)]
+    by_item: dict[int, list[Window]] = {}  # frames mostly share one parsed item: convert it once
+    frames = []
+    for i in range(n_frames):
+        item = _functional(ds, "FrameVOILUTSequence", i)
+        if id(item) not in by_item:
+            by_item[id(item)] = _windows_in(item)
+        frames.append(by_item[id(item)])
     if all(f == frames[0] for f in frames) and frames[0] == windows:
         return windows, None
     return windows or frames[0], frames
