@@ -1,0 +1,107 @@
+"""Pretraining presets as data files, and the loader that turns a preset (or any JSON file) plus
+``key=value`` overrides into one checked :class:`PretrainConfig`.
+
+Presets (``training/configs/<name>.json``):
+
+* ``cpu-tiny``: ViT-tiny/16, 2 global crops of 96 px and 4 locals of 48 px, small heads; learns on a
+  laptop CPU (2 cores) in minutes. A smoke test and a teaching aid, not a useful encoder.
+* ``vits14``, ``vitb14``: ViT-S/14 and ViT-B/14 with DINOv2's defaults (heads, losses, schedules,
+  crops 224/98 px) and small-batch settings for one GPU (64 images per step, learning rate by
+  DINOv2's square-root rule, Sinkhorn-Knopp centring, which DINOv2 uses for its own long runs).
+
+A file holds up to five sections, ``model``, ``loss``, ``schedule``, ``sampler``, ``train``; anything
+missing takes the defaults of :class:`training.models.ModelConfig` etc.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence
+
+from ..config import apply_overrides, from_dict, to_dict
+from ..errors import MammoInputError
+from ..losses import LossConfig
+from ..models import ModelConfig
+from ..sampler import SamplerConfig
+from ..schedules import ScheduleConfig
+
+PRESETS_DIR = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The run itself (the training loop reads these)."""
+
+    batch_size: int = 64                 # images per step, all processes together
+    seed: int = 0
+    num_workers: int = 2                 # DataLoader workers per process
+    precision: Literal["fp32", "bf16"] = "fp32"   # bf16 autocast on GPUs
+    naive_sampler: bool = False          # plain DINOv2 crops (ablation), instead of tissue-aware ones
+    log_every: int = 10                  # steps between metrics.jsonl lines
+    checkpoint_every: int = 500          # steps between checkpoints
+    keep_checkpoints: int = 2            # how many recent checkpoints to keep
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise MammoInputError(f"train config: {name} must be >= 1")
+        if self.seed < 0 or self.num_workers < 0:
+            raise MammoInputError("train config: seed and num_workers must be >= 0")
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Everything a pretraining run needs, as data."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        m, s = self.model, self.sampler
+        problems = []
+        if s.patch_size != m.patch_size:
+            problems.append(f"sampler.patch_size {s.patch_size} differs from model.patch_size {m.patch_size}")
+        for name in ("global_size", "local_size"):
+            size = getattr(s, name)
+            if size % m.patch_size:
+                problems.append(f"sampler.{name} {size} is not a multiple of model.patch_size {m.patch_size}")
+        if s.n_global < 1 or s.n_global + s.n_local < 2:
+            problems.append("the DINO loss needs at least one global crop and two views in all")
+        if problems:
+            raise MammoInputError("config: " + "; ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PretrainConfig":
+        return from_dict(cls, values, "config")
+
+
+def preset_names() -> list[str]:
+    """The presets shipped in ``training/configs``."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+
+
+def load_config(name_or_path: str | Path, overrides: Sequence[str] = ()) -> PretrainConfig:
+    """A preset name (``cpu-tiny``) or a JSON file path, with ``section.key=value`` overrides applied."""
+    path = Path(name_or_path)
+    if not path.suffix and (PRESETS_DIR / f"{name_or_path}.json").is_file():
+        path = PRESETS_DIR / f"{name_or_path}.json"
+    if not path.is_file():
+        raise MammoInputError(f"config {str(name_or_path)!r} is neither a preset ({', '.join(preset_names())}) "
+                              f"nor a JSON file")
+    try:
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MammoInputError(f"config {path.name}: not valid JSON ({exc})") from None
+    if not isinstance(values, dict):
+        raise MammoInputError(f"config {path.name}: expected a JSON object of sections")
+    values.setdefault("name", path.stem)
+    return PretrainConfig.from_dict(apply_overrides(values, overrides))
