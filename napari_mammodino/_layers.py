@@ -15,6 +15,11 @@ from training.display import ViewerDisplay, frames_share_display, to_display, vi
 from training.hanging import Placement, hanging_protocol
 from training.io import FrameStack, MammoImage
 
+def mammo_image_of(data: Any) -> MammoImage | None:
+    """The MammoImage behind an image layer made here (widgets reach its modality values,
+    photometric and spacing without reopening files), or None for other data."""
+    return data.image if isinstance(data, FrameStack) else None
+
 
 def _colormap(display: ViewerDisplay, key: str) -> Any:
     if display.levels is None:

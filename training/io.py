@@ -143,6 +143,11 @@ class FrameStack:
         self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()  # napari may slice from a worker thread
 
+    @property
+    def image(self) -> MammoImage:
+        """The image whose frames these are (its metadata, its dask array)."""
+        return self._image
+
     def __len__(self) -> int:
         return self.shape[0]
 
