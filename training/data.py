@@ -1,0 +1,213 @@
+"""Pretraining data: DICOM images (FFDM and DBT mixed) from a folder or a labels CSV, sampled into
+multi-crop batches by the tissue-aware sampler.
+
+* Items. One item per image: an FFDM image gives one sample; a DBT volume gives one slice pair
+  (slices i and i +/- k with the same boxes, flips and masks) drawn by the sampler from the item's seed.
+* Determinism. An item is addressed by ``(epoch, index)``; its sampler seed comes from
+  ``SeedSequence((seed, epoch, index))``, and the order of an epoch from ``(seed, epoch)``. So the batch
+  of step ``s`` is a pure function of ``s``, whatever the number of workers and whether the run was
+  resumed: :class:`StepBatches` yields the batches of steps ``start, start + 1, ...``.
+* No tissue. Images where the tissue-aware sampler finds no tissue (:class:`NoTissueError`) are skipped;
+  the batch lists them in ``skipped`` so the training loop can warn once with the totals.
+* Memory. An LRU cache per process keeps the last ``cache_frames`` decoded frames with their tissue
+  masks: a tiny dataset is decoded and segmented once, a large one holds only a few frames.
+
+Collated batches are view-major, as :class:`training.models.SSLNetwork` and the losses expect: crop ``v``
+of batch image ``b`` is row ``v * B + b``. A DBT pair counts as two batch images (its two slices), and
+``dbt_pairs`` holds, for each global view, the rows of its two slices, ``dbt_volumes`` the item index of
+the volume (pairs of one volume are never each other's negatives).
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .errors import MammoInputError
+from .sampler import MultiCropSampler, NoTissueError, SamplerConfig, Sample
+
+
+@dataclass
+class Item:
+    """One sampled dataset item: an FFDM sample (``sample.pair`` is None), a DBT pair sample, or None
+    when the image has no breast tissue (skipped)."""
+
+    index: int
+    sample: Sample | None
+
+
+class PretrainDataset:
+    """Images from ``source`` (a folder of DICOM files, or a CSV whose ``path`` column names files or
+    series folders relative to the CSV), sampled deterministically from ``(seed, epoch, index)``."""
+
+    def __init__(self, source: str | Path, config: SamplerConfig, seed: int = 0, naive: bool = False,
+                 cache_frames: int = 8):
+        from .io import open_path
+
+        self.source = Path(source)
+        self.config = config
+        self.seed = seed
+        self.sampler = MultiCropSampler(config, tissue_aware=not naive)
+        self.cache_frames = cache_frames
+        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.images = [image for path in self.paths() for image in open_path(path)]
+        if not self.images:
+            raise MammoInputError(f"{self.source}: no DICOM images to pretrain on")
+
+    def paths(self) -> list[Path]:
+        """What to open: the folder itself, or each CSV row's ``path`` (relative to the CSV)."""
+        source = self.source
+        if source.is_dir():
+            return [source]
+        if not source.is_file():
+            raise MammoInputError(f"--data {source}: no such folder or CSV file")
+        if source.suffix.lower() != ".csv":
+            raise MammoInputError(f"--data {source}: expected a folder of DICOM files or a labels CSV")
+        with open(source, newline="", encoding="utf-8") as f:
+            rows = list(csv.DictReader(f))
+        if not rows or "path" not in rows[0]:
+            raise MammoInputError(f"{source.name}: a labels CSV needs a 'path' column (relative to the CSV)")
+        paths = list(dict.fromkeys(source.parent / row["path"] for row in rows if row["path"]))
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
+            raise MammoInputError(f"{source.name}: {len(missing)} paths do not exist, e.g. {missing[0]}")
+        return paths
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def describe(self) -> dict[str, Any]:
+        """What a checkpoint records about its data."""
+        kinds = [("dbt" if image.data.ndim == 3 else "ffdm") for image in self.images]
+        return {"source": str(self.source.resolve()), "images": len(kinds),
+                "ffdm": kinds.count("ffdm"), "dbt": kinds.count("dbt"), "seed": self.seed}
+
+    def item_seed(self, epoch: int, index: int) -> int:
+        return int(np.random.SeedSequence((self.seed, epoch, index)).generate_state(1)[0])
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The shuffled order of the images in ``epoch``."""
+        return np.random.default_rng((self.seed, epoch, 0x5EED)).permutation(len(self.images))
+
+    def __getitem__(self, key: tuple[int, int]) -> Item:
+        """The sample of image ``index`` in ``epoch`` (``sample`` None when it has no tissue)."""
+        epoch, index = key
+        image = self.images[index]
+        seed = self.item_seed(epoch, index)
+        try:
+            if image.data.ndim == 2:
+                return Item(index, self.sampler.sample(*self._frame(index, 0), seed))
+            i, j = self.sampler.choose_pair(image.data.shape[0], seed)
+            (vi, ti), (vj, tj) = self._frame(index, i), self._frame(index, j)
+            return Item(index, self.sampler.sample_slices((vi, vj), (ti, tj), (i, j), seed))
+        except NoTissueError:
+            return Item(index, None)
+
+    def _frame(self, index: int, frame: int) -> tuple[np.ndarray, np.ndarray]:
+        """Decoded values (MONOCHROME1 inverted, as :func:`training.sampler.sample_images`) and tissue mask."""
+        from .tissue import tissue_of
+
+        key = (index, frame)
+        if key in self._cache:
+            self._cache.move_to_end(key)
+            return self._cache[key]
+        image = self.images[index]
+        values = image.frame(frame)
+        twin = _TwinFrame(image, frame, values)
+        mask = tissue_of(twin, index=frame if image.data.ndim == 3 else None).mask
+        if image.meta.photometric == "MONOCHROME1":
+            values = np.negative(values, dtype=np.float32)
+        self._cache[key] = (values, np.asarray(mask))
+        while len(self._cache) > self.cache_frames:
+            self._cache.popitem(last=False)
+        return self._cache[key]
+
+
+class _TwinFrame:
+    """A MammoImage look-alike whose ``frame(i)`` returns the frame already decoded (no second decode)."""
+
+    def __init__(self, image: Any, index: int, values: np.ndarray):
+        self._image, self._index, self._values = image, index, values
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._image, name)
+
+    def frame(self, index: int = 0) -> np.ndarray:
+        return self._values if index == self._index else self._image.frame(index)
+
+
+class StepBatches(torch.utils.data.Sampler):
+    """Batch keys ``[(epoch, index), ...]`` for steps ``start_step, start_step + 1, ...``: step ``s``
+    takes positions ``s * B .. s * B + B - 1`` of the endless sequence of shuffled epochs."""
+
+    def __init__(self, dataset: PretrainDataset, batch_size: int, start_step: int = 0,
+                 end_step: int | None = None):
+        self.dataset, self.batch_size = dataset, batch_size
+        self.start_step, self.end_step = start_step, end_step
+
+    def __len__(self) -> int:
+        return max((self.end_step or 0) - self.start_step, 0)
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        n = len(self.dataset)
+        step = self.start_step
+        orders: dict[int, np.ndarray] = {}
+        while self.end_step is None or step < self.end_step:
+            keys = []
+            for position in range(step * self.batch_size, (step + 1) * self.batch_size):
+                epoch = position // n
+                if epoch not in orders:
+                    orders = {epoch: self.dataset.epoch_order(epoch)}
+                keys.append((epoch, int(orders[epoch][position % n])))
+            yield keys
+            step += 1
+
+
+def collate(items: Sequence[Item]) -> dict[str, Any]:
+    """Stack samples into view-major tensors: ``global`` (G*B, 1, S, S), ``local`` (L*B, 1, s, s),
+    ``masks`` (G*B, g, g) bool, ``dbt_pairs`` (P, 2) rows of ``global``, ``dbt_volumes`` (P,); also
+    ``n_images`` (B), ``indices`` (dataset indices of the sampled items) and ``skipped`` (dataset
+    indices of the items without tissue)."""
+    kept = [item for item in items if item.sample is not None]
+    views: list[dict[str, np.ndarray]] = []
+    pair_slots: list[tuple[int, int, int]] = []  # (batch row of slice i, row of slice j, volume id)
+    for item in kept:
+        sample = item.sample
+        if sample.pair is None:
+            views.append(sample.views())
+        else:
+            pair_slots.append((len(views), len(views) + 1, item.index))
+            views.append(sample.views(sample.pair[0]))
+            views.append(sample.views(sample.pair[1]))
+    batch = len(views)
+    out: dict[str, Any] = {"n_images": batch, "skipped": [item.index for item in items if item.sample is None],
+                           "indices": [item.index for item in kept]}
+    if batch == 0:
+        return out
+    # (B, V, ...) -> (V, B, ...) -> (V*B, ...): view-major rows.
+    for name, channel in (("global", True), ("local", True), ("masks", False)):
+        stacked = torch.from_numpy(np.stack([v[name] for v in views]).swapaxes(0, 1).copy())
+        stacked = stacked.flatten(0, 1)
+        out[name] = stacked.unsqueeze(1) if channel else stacked
+    n_global = views[0]["global"].shape[0]
+    pairs = [(v * batch + a, v * batch + b) for v in range(n_global) for a, b, _ in pair_slots]
+    volumes = [vol for _ in range(n_global) for _, _, vol in pair_slots]
+    out["dbt_pairs"] = torch.tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    out["dbt_volumes"] = torch.tensor(volumes, dtype=torch.long)
+    return out
+
+
+def loader(dataset: PretrainDataset, batch_size: int, start_step: int = 0, end_step: int | None = None,
+           num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader over the batches of steps ``start_step..end_step - 1``. It has its own generator so
+    that making it never draws from torch's global RNG (a resumed run must see the same RNG stream)."""
+    return torch.utils.data.DataLoader(
+        dataset, batch_sampler=StepBatches(dataset, batch_size, start_step, end_step), collate_fn=collate,
+        num_workers=num_workers, generator=torch.Generator().manual_seed(0),
+        persistent_workers=False)
