@@ -128,14 +128,15 @@ class MammoImage:
 class FrameStack:
     """An image's frames as a read-only numpy-style array, for viewers.
 
-    Indexing decodes only the frames it touches and keeps the last `keep` of them, so resident
-    memory stays a few frames whatever the volume. `transform(values, frame)` (a per-frame VOI, a
+    Indexing decodes only the frames it touches and keeps the last `keep` of them (one: napari
+    shows one slice of a volume at a time), so resident memory stays a few frames whatever the
+    volume. `transform(values, frame)` (a per-frame VOI, a
     mirror) runs once per decoded frame. napari indexes this rather than the dask array: dask costs
     about 4 ms per compute, more than reading a whole uncompressed frame, which made it the larger
     part of showing or scrolling to a slice. Pipelines keep using ``MammoImage.data``."""
 
     def __init__(self, image: MammoImage, transform: Callable[[np.ndarray, int], np.ndarray] | None = None,
-                 dtype: Any = None, keep: int = 2):
+                 dtype: Any = None, keep: int = 1):
         self._image, self._transform, self._keep = image, transform, keep
         self.shape: tuple[int, ...] = tuple(image.data.shape)
         self.ndim = len(self.shape)
