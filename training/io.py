@@ -130,8 +130,8 @@ class FrameStack:
 
     Indexing decodes only the frames it touches and keeps the last `keep` of them (one: napari
     shows one slice of a volume at a time), so resident memory stays a few frames whatever the
-    volume. `transform(values, frame)` (a per-frame VOI, a
-    mirror) runs once per decoded frame. napari indexes this rather than the dask array: dask costs
+    volume. `transform(values, frame)` (a per-frame VOI, a mirror) runs once per decoded frame.
+    napari indexes this rather than the dask array: dask costs
     about 4 ms per compute, more than reading a whole uncompressed frame, which made it the larger
     part of showing or scrolling to a slice. Pipelines keep using ``MammoImage.data``."""
 
