@@ -180,6 +180,8 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     except TrainingStopped as exc:
         print(f"mammodino pretrain: stopped: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
+    if report["rank"] != 0:  # under torchrun only rank 0 reports: one JSON object, one message
+        raise SystemExit(0)
     if report["terminated"]:
         print(f"mammodino pretrain: SIGTERM: saved step {report['step']} to {report['checkpoint']}; "
               f"continue with --resume", file=sys.stderr)

@@ -18,12 +18,24 @@ current step, saves a checkpoint and returns. Guards stop the run, without savin
 finite or when the teacher's marginal entropy (of its batch-mean target) stays under a floor for several
 steps: every sample points at the same few prototypes, the known DINO collapse.
 
+Distributed: the same command runs under ``torchrun --nproc_per_node N`` (and multi-node); see
+:mod:`training.distributed`. ``train.batch_size`` is the global batch; each process trains its share with
+the student in DDP, the teacher centres and Sinkhorn-Knopp sum over every process (the loss's ``reduce``
+hook), KoLeo and the DBT InfoNCE see the whole batch's gathered embeddings, so the losses and the update
+are those of one process on the same batch (floating-point tolerance). Every process builds and resumes
+the run from ``RUN`` (shared by the nodes), updates its EMA teacher identically and handles SIGTERM at the
+same step; rank 0 alone writes metrics, checkpoints (with every process's :func:`replica_digest`) and the
+progress bar. Left approximate: ``teacher_marginal_entropy`` is the share-weighted mean of each
+process's value (a lower bound: the collapse guard fires no later), and drop-path draws differ from a
+single process's (each process draws for its share).
+
 :func:`pretrain_steps` is a generator (one dict per step) so a GUI worker can drive it and cancel it;
 :func:`pretrain` runs it to the end with a tqdm progress bar on stderr.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -38,12 +50,13 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 import torch
 
+from . import distributed
 from .checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state, prefixed, provenance,
                          read_metadata, save_checkpoint, unprefixed)
 from .configs import PretrainConfig
-from .data import PretrainDataset, loader
+from .data import PretrainDataset, StepBatches, collate
 from .errors import MammoInputError
-from .losses import MammoDINOLoss
+from .losses import MammoDINOLoss, dbt_pair_loss, koleo_loss
 from .models import StudentTeacher
 from .schedules import apply_schedule, clip_gradients, param_groups, values_at
 
@@ -82,9 +95,10 @@ class Run:
 
 
 def build_run(config: PretrainConfig, data: str | Path, out: str | Path, resume: bool = False,
-              command: Sequence[str] | None = None) -> Run:
-    """Model, loss, optimiser and data for ``config``; with ``resume``, restored from ``out``'s last
-    checkpoint (whose config must equal ``config``)."""
+              command: Sequence[str] | None = None, device: str | torch.device = "cpu") -> Run:
+    """Model, loss, optimiser and data for ``config``, the model and loss on ``device``; with ``resume``,
+    restored from ``out``'s last checkpoint (whose config must equal ``config``). Under torchrun every
+    process builds (and restores) the same run."""
     out = Path(out)
     last = out / "checkpoints" / "last.safetensors"
     if resume and not last.is_file():
@@ -93,8 +107,8 @@ def build_run(config: PretrainConfig, data: str | Path, out: str | Path, resume:
         raise MammoInputError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     torch.manual_seed(config.train.seed)
     dataset = PretrainDataset(data, config.sampler, seed=config.train.seed, naive=config.train.naive_sampler)
-    model = StudentTeacher(config.model)
-    loss = MammoDINOLoss(config.loss, config.model.dino_head.n_prototypes, config.model.ibot_prototypes)
+    model = StudentTeacher(config.model).to(device)
+    loss = MammoDINOLoss(config.loss, config.model.dino_head.n_prototypes, config.model.ibot_prototypes).to(device)
     groups = param_groups(model.student.named_parameters(), config.model.dims[1],
                           config.schedule.layerwise_decay, config.schedule.patch_embed_lr_mult)
     optimizer = torch.optim.AdamW(groups, lr=0.0, betas=config.schedule.adamw_betas)
@@ -119,14 +133,15 @@ def _restore(run: Run, path: Path) -> None:
     random.setstate((meta["rng"]["python"][0], tuple(meta["rng"]["python"][1]), meta["rng"]["python"][2]))
     # Lines logged after this checkpoint (by a run killed later) are replayed by the resumed run.
     metrics = run.out / "metrics.jsonl"
-    if metrics.is_file():
+    if metrics.is_file() and distributed.is_main():
         lines = [line for line in metrics.read_text(encoding="utf-8").splitlines()
                  if line.strip() and json.loads(line).get("step", 0) <= run.step]
         metrics.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
 
-def save(run: Run, metrics: dict[str, Any] | None) -> Path:
-    """A checkpoint of the run at its current step; keeps the newest ``keep_checkpoints`` and ``last``."""
+def save(run: Run, metrics: dict[str, Any] | None, replicas: list[str] | None = None) -> Path:
+    """A checkpoint of the run at its current step; keeps the newest ``keep_checkpoints`` and ``last``.
+    ``replicas``: each process's :func:`replica_digest` (recorded as ``replica_digests``)."""
     run.checkpoints.mkdir(parents=True, exist_ok=True)
     opt_tensors, opt_meta = optimizer_state(run.optimizer)
     np_state = np.random.get_state()
@@ -135,7 +150,7 @@ def save(run: Run, metrics: dict[str, Any] | None) -> Path:
                **opt_tensors, "rng.torch": torch.get_rng_state(),
                "rng.numpy": torch.from_numpy(np_state[1].astype(np.int64))}
     meta = {**run.meta, "config": run.config.to_dict(), "model": run.config.model.to_dict(),
-            "step": run.step, "metrics": metrics, "optimizer": opt_meta,
+            "step": run.step, "metrics": metrics, "optimizer": opt_meta, "replica_digests": replicas,
             "rng": {"numpy": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
                     "python": [py_state[0], list(py_state[1]), py_state[2]]}}
     path = save_checkpoint(run.checkpoints / f"step_{run.step:07d}.safetensors", tensors, meta)
@@ -147,6 +162,17 @@ def save(run: Run, metrics: dict[str, Any] | None) -> Path:
     for old in steps[:-run.config.train.keep_checkpoints]:
         old.unlink()
     return path
+
+
+def replica_digest(run: Run) -> str:
+    """SHA-256 of this process's student, teacher and loss centres: equal on every process of a
+    healthy data-parallel run (DDP keeps the replicas in step; nothing checks it but this)."""
+    digest = hashlib.sha256()
+    for state in (run.model.state_dict(), run.loss.state_dict()):
+        for name, tensor in state.items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
 
 
 def _kept(run: Run) -> str:
@@ -161,8 +187,15 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
                    should_stop: Any = None) -> Iterator[dict[str, Any]]:
     """Train from ``run.step`` to ``max_steps`` (default: the schedule's ``total_steps``), yielding each
     step's metrics. ``should_stop()`` (e.g. a SIGTERM flag or a GUI cancel button) is checked after each
-    step: the run then saves a checkpoint and ends. Raises :class:`TrainingStopped` from a guard."""
+    step: the run then saves a checkpoint and ends. Raises :class:`TrainingStopped` from a guard.
+
+    Under torchrun (:mod:`training.distributed`) every process runs this on its share of each global
+    batch with the student in DDP; the metrics (and so every decision: skip, guards, stop) are those of
+    the global batch on every process, and only rank 0 writes ``metrics.jsonl`` and checkpoints."""
     c = run.config
+    ctx = distributed.setup()
+    main_process = ctx.rank == 0
+    device = next(run.model.parameters()).device  # where build_run put the model
     end = c.schedule.total_steps if max_steps is None else max_steps
     n_global = c.sampler.n_global
     parts = {"backbone": run.model.student.backbone, "dino_head": run.model.student.dino_head}
@@ -176,29 +209,56 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
     skipped: set[int] = set()
     draws = 0
     run.model.train()
-    batches = loader(run.dataset, c.train.batch_size, run.step, end, c.train.num_workers)
+    student = _data_parallel(run.model.student, ctx, device)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.train.precision == "bf16")
+    batches = _batches(run, end, ctx, device)
     tick = time.perf_counter()
     for batch in batches:
-        skipped.update(batch["skipped"])
-        draws += len(batch["skipped"])
         step = run.step
         values = values_at(c.schedule, step, c.train.batch_size)
-        if batch["n_images"] == 0:  # every image of this batch lacked tissue
+        # What every process must agree on: the global image count, an empty share, iBOT masks anywhere.
+        local_masks = batch["n_images"] > 0 and bool(batch["masks"].any())
+        shares = distributed.gather_objects((batch["n_images"], local_masks, batch["skipped"]))
+        for _, _, indices in shares:
+            skipped.update(indices)
+            draws += len(indices)
+        if min(n for n, _, _ in shares) == 0:  # a share without tissue: every process skips the step
             run.step += 1
-            if run.step == end:
+            if run.step == end and main_process:
                 save(run, last_metrics)
             continue
+        n_images = sum(n for n, _, _ in shares)
+        share = batch["n_images"] / n_images  # this process's fraction of the global batch
         apply_schedule(run.optimizer, values)
-        masks = batch["masks"] if batch["masks"].any() else None
-        student = run.model.forward_student(batch["global"], batch["local"], masks)
-        teacher = run.model.forward_teacher(batch["global"], masks)
-        losses = run.loss(student, teacher, n_global, values.teacher_temp, masks,
-                          batch["dbt_pairs"], batch["dbt_volumes"])
-        scalars = {name: float(value.detach()) for name, value in losses.items()}
+        images = {k: batch[k].to(device, non_blocking=True) for k in ("global", "local", "masks")}
+        masks = images["masks"] if any(m for _, m, _ in shares) else None
+        with autocast:
+            out = student(images["global"], images["local"], masks, mask_inputs=True)
+            teacher = run.model.forward_teacher(images["global"], masks)
+        local = run.loss(out, teacher, n_global, values.teacher_temp, masks, reduce=distributed.reduce)
+        whole = _whole_batch_terms(c, out, batch, n_global, [n for n, _, _ in shares])
+        # dino, ibot and the entropies are means over this share: weighted by it, they sum to the whole
+        # batch's; koleo and dbt were computed on the whole batch's gathered embeddings.
+        stop_flag = float(bool(should_stop and should_stop()))
+        shared = torch.stack([local["dino"].detach().float() * share, local["ibot"].detach().float() * share,
+                              local["teacher_entropy"].float() * share,
+                              local["teacher_marginal_entropy"].float() * share,
+                              torch.tensor(stop_flag, device=device)])
+        shared = distributed.reduce(shared, "sum").tolist()
+        scalars = {"dino": shared[0], "ibot": shared[1], "teacher_entropy": shared[2],
+                   "teacher_marginal_entropy": shared[3], "koleo": float(whole["koleo"].detach()),
+                   "dbt": float(whole["dbt"].detach())}
+        w = c.loss
+        scalars["total"] = (w.dino_weight * scalars["dino"] + w.ibot_weight * scalars["ibot"]
+                            + w.koleo_weight * scalars["koleo"] + w.dbt_weight * scalars["dbt"])
         if not math.isfinite(scalars["total"]):  # checked before the update: the weights stay good
             raise TrainingStopped(f"the loss became {scalars['total']} at step {step + 1}; {_kept(run)}")
+        # DDP averages the processes' gradients: the share-weighted terms times W average to the whole
+        # batch's mean; the gathered terms are the same on every process (see distributed.gather_rows).
+        objective = (ctx.world_size * share * (w.dino_weight * local["dino"] + w.ibot_weight * local["ibot"])
+                     + w.koleo_weight * whole["koleo"] + w.dbt_weight * whole["dbt"])
         run.optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
+        objective.backward()
         norms = clip_gradients(parts, c.schedule.clip_grad)
         run.optimizer.step()
         run.model.update_teacher(values.momentum)
@@ -216,21 +276,78 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
                    "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
                    "teacher_temp": values.teacher_temp, "teacher_entropy": scalars["teacher_entropy"],
                    "teacher_marginal_entropy": scalars["teacher_marginal_entropy"],
-                   "grad_norm": norms.get("backbone", 0.0), "images_per_s": batch["n_images"] / (now - tick),
+                   "grad_norm": norms.get("backbone", 0.0), "images_per_s": n_images / (now - tick),
                    "skipped": draws, "skipped_images": len(skipped)}
         tick = now
         last_metrics = metrics
-        if run.step % c.train.log_every == 0 or run.step == 1 or run.step == end:
+        if main_process and (run.step % c.train.log_every == 0 or run.step == 1 or run.step == end):
             with open(metrics_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics) + "\n")
-        stopping = bool(should_stop and should_stop())
+        stopping = shared[4] > 0  # any process asked: all stop after this same step
         if run.step % c.train.checkpoint_every == 0 or run.step == end or stopping:
-            metrics["checkpoint"] = str(save(run, metrics))
+            replicas = distributed.gather_objects(replica_digest(run))
+            if len(set(replicas)) > 1:
+                raise TrainingStopped(f"the {ctx.world_size} processes' weights differ at step {run.step}; "
+                                      f"{_kept(run)}")
+            if main_process:
+                metrics["checkpoint"] = str(save(run, metrics, replicas))
         yield metrics
         if stopping:
             return
-    if last_metrics is None and not run.checkpoints.joinpath("last.safetensors").exists():
+    if main_process and last_metrics is None and not run.checkpoints.joinpath("last.safetensors").exists():
         save(run, None)
+
+
+def _data_parallel(student: torch.nn.Module, ctx: distributed.Context, device: torch.device) -> torch.nn.Module:
+    """The student wrapped in DDP under torchrun, itself in a single process. Unused parameters are
+    expected: the mask token (and a separate iBOT head) get no gradient in a step without masks."""
+    if ctx.world_size == 1:
+        return student
+    from torch.nn.parallel import DistributedDataParallel
+
+    device_ids = [device.index] if device.type == "cuda" else None
+    return DistributedDataParallel(student, device_ids=device_ids, find_unused_parameters=True)
+
+
+def _batches(run: Run, end: int, ctx: distributed.Context, device: torch.device) -> torch.utils.data.DataLoader:
+    """This process's share of the batches of steps ``run.step..end - 1`` (the whole batches in a single
+    process). Its own generator: making it never draws from torch's global RNG (exact resume)."""
+    c = run.config.train
+    steps = StepBatches(run.dataset, c.batch_size, run.step, end)
+    return torch.utils.data.DataLoader(
+        run.dataset, batch_sampler=distributed.ShardedBatches(steps, ctx.rank, ctx.world_size),
+        collate_fn=collate, num_workers=c.num_workers, generator=torch.Generator().manual_seed(0),
+        pin_memory=device.type == "cuda")
+
+
+def _whole_batch_terms(config: PretrainConfig, student: dict[str, torch.Tensor], batch: dict[str, Any],
+                       n_global: int, sizes: list[int]) -> dict[str, torch.Tensor]:
+    """KoLeo and the DBT InfoNCE over the whole global batch: both compare each image with the batch's
+    other images (nearest neighbour, negatives), so every process gathers the embeddings of all and
+    computes the same values as a single process would (rows in the single-process order). ``sizes``:
+    every process's number of images."""
+    c = config.loss
+    cls = student["global_cls"]
+    zero = cls.sum() * 0.0
+    out = {"koleo": zero, "dbt": zero}
+    n_local = cls.shape[0] // n_global
+    offset, n_all = sum(sizes[:distributed.rank()]), sum(sizes)
+
+    def whole(rows: torch.Tensor) -> torch.Tensor:  # (G*B_r, D) view-major -> (G*B, D) view-major
+        gathered = distributed.gather_rows(rows.reshape(n_global, n_local, -1).transpose(0, 1))
+        return gathered.transpose(0, 1).reshape(n_global * n_all, -1)
+
+    if c.koleo_weight > 0:
+        views = whole(cls).reshape(n_global, n_all, -1)
+        out["koleo"] = sum((koleo_loss(view, c.koleo_eps) for view in views), zero)
+    if c.dbt_weight > 0:
+        embedding = whole(cls if c.dbt_embedding == "cls" else student["global_patch_mean"])
+        pairs = batch["dbt_pairs"].to(cls.device)
+        rows = pairs // n_local * n_all + offset + pairs % n_local  # local view-major rows -> global ones
+        pairs = distributed.gather_rows(rows)
+        volumes = distributed.gather_rows(batch["dbt_volumes"].to(cls.device))
+        out["dbt"] = dbt_pair_loss(embedding, pairs, c.dbt_temperature, volumes)
+    return out
 
 
 def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_steps: int | None = None,
@@ -240,17 +357,23 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
     Returns a summary: steps done, last metrics, checkpoint, whether it was stopped by SIGTERM."""
     from tqdm import tqdm
 
+    ctx = distributed.setup()  # under torchrun: join the process group (left again at the end)
     terminated: list[bool] = []
     installed = _in_main_thread()  # a SIGTERM while the data opens still ends at a checkpoint
     previous = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True)) if installed else None
     last: dict[str, Any] = {}
     try:
-        run = build_run(config, data, out, resume, command)
+        if config.train.batch_size < ctx.world_size:
+            raise MammoInputError(f"train.batch_size {config.train.batch_size} is smaller than the "
+                                  f"{ctx.world_size} processes: each needs at least one image a step")
+        run = build_run(config, data, out, resume, command, ctx.device)
+        distributed.barrier()  # every process has checked --out before rank 0 writes into it
         end = config.schedule.total_steps if max_steps is None else max_steps
         if end < run.step:
             raise MammoInputError(f"--max-steps {end} is behind the run's step {run.step}")
         start = run.step
-        with tqdm(total=end, initial=start, file=sys.stderr, disable=not progress, unit="step",
+        show = progress and ctx.rank == 0  # one bar, rank 0's
+        with tqdm(total=end, initial=start, file=sys.stderr, disable=not show, unit="step",
                   dynamic_ncols=True) as bar:
             for last in pretrain_steps(run, end, guard, should_stop=lambda: bool(terminated)):
                 bar.update(1)
@@ -258,10 +381,12 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
     finally:
         if installed:  # None: the old handler was not set from Python
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-    if last.get("skipped"):
+        distributed.cleanup()
+    if last.get("skipped") and ctx.rank == 0:
         print(f"mammodino pretrain: warning: {last['skipped_images']} images have no breast tissue; skipped "
               f"{last['skipped']} times", file=sys.stderr)
-    return {"out": str(Path(out)), "start_step": start, "step": run.step, "total_steps": config.schedule.total_steps,
+    return {"out": str(Path(out)), "rank": ctx.rank, "world_size": ctx.world_size, "start_step": start,
+            "step": run.step, "total_steps": config.schedule.total_steps,
             "terminated": bool(terminated), "checkpoint": str(run.checkpoints / "last.safetensors"),
             "metrics": {k: v for k, v in last.items() if k != "checkpoint"}, "data": run.dataset.describe()}
 
