@@ -220,7 +220,9 @@ class DINOHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
         x = F.normalize(x, dim=-1, eps=1e-6 if x.dtype in (torch.float16, torch.bfloat16) else 1e-12)
-        weight = self.last_layer_g * F.normalize(self.last_layer_v, dim=-1)
+        # g * v / |v| in torch's fused kernel (what its public weight-norm APIs call): written out in
+        # three ops it cost 2.5x as much forward + backward with 65536 prototypes.
+        weight = torch._weight_norm(self.last_layer_v, self.last_layer_g, 0)
         return F.linear(x, weight.to(x.dtype))
 
 
