@@ -93,11 +93,14 @@ class FrameSource:
             array = np.fromfile(f, dtype=dtype, count=count)
         if array.size != count:  # the file shrank after it was opened
             raise MammoInputError(f"{self.path}: frame {index} is truncated")
-        # Clear the unused high bits (sign-extending signed data), as pydicom's correct_unused_bits.
+        # Clear the unused high bits, as pydicom's correct_unused_bits: one mask pass for unsigned
+        # data, a shift pair (sign extension) for signed.
         shift = o["bits_allocated"] - o["bits_stored"]
-        if shift > 0:
+        if shift > 0 and o["pixel_representation"] == 1:
             np.left_shift(array, shift, out=array)
             np.right_shift(array, shift, out=array)
+        elif shift > 0:
+            np.bitwise_and(array, (1 << o["bits_stored"]) - 1, out=array)
         return array.reshape(o["rows"], o["columns"])
 
 
