@@ -302,6 +302,19 @@ class MammoDINOLoss(nn.Module):
         ``dbt_volumes`` (P,) their volume ids. Also returns the teacher's ``teacher_entropy`` and
         ``teacher_marginal_entropy`` (DINO targets) for collapse monitoring."""
         c = self.config
+        out = self.share_terms(student, teacher, n_global, teacher_temp, masks, reduce)
+        out.update(self.batch_terms(student["global_cls"], student.get("global_patch_mean"), n_global,
+                                    dbt_pairs, dbt_volumes))
+        out["total"] = (c.dino_weight * out["dino"] + c.ibot_weight * out["ibot"]
+                        + c.koleo_weight * out["koleo"] + c.dbt_weight * out["dbt"])
+        return out
+
+    def share_terms(self, student: dict[str, Tensor], teacher: dict[str, Tensor], n_global: int,
+                    teacher_temp: float, masks: Tensor | None = None,
+                    reduce: Reduce = local_reduce) -> dict[str, Tensor]:
+        """DINO, iBOT and the teacher entropies: means over images, so a process may compute them on
+        its share of the batch (the centres go through ``reduce``)."""
+        c = self.config
         n_rows, k = student["global_dino"].shape
         if n_rows % n_global:
             raise ValueError(f"{n_rows} global crops are not {n_global} views of one batch")
@@ -310,26 +323,29 @@ class MammoDINOLoss(nn.Module):
         views = [student["global_dino"].reshape(n_global, batch, k)]
         if "local_dino" in student:
             views.append(student["local_dino"].reshape(-1, batch, k))
-        zero = student["global_dino"].sum() * 0.0
         out: dict[str, Tensor] = {}
         out["dino"] = dino_loss(torch.cat(views), targets.reshape(n_global, batch, k), c.student_temp)
         if "ibot" in student and masks is not None and c.ibot_weight > 0:
             ibot_targets = self.ibot_targets(teacher["ibot"], teacher_temp, reduce)
             out["ibot"] = ibot_loss(student["ibot"], ibot_targets, masks, c.student_temp)
         else:
-            out["ibot"] = zero
-        if c.koleo_weight > 0:
-            cls = student["global_cls"].reshape(n_global, batch, -1)
-            out["koleo"] = sum((koleo_loss(view, c.koleo_eps) for view in cls), zero)
-        else:
-            out["koleo"] = zero
-        if dbt_pairs is not None and c.dbt_weight > 0:
-            embedding = student["global_cls" if c.dbt_embedding == "cls" else "global_patch_mean"]
-            out["dbt"] = dbt_pair_loss(embedding, dbt_pairs, c.dbt_temperature, dbt_volumes)
-        else:
-            out["dbt"] = zero
-        out["total"] = (c.dino_weight * out["dino"] + c.ibot_weight * out["ibot"]
-                        + c.koleo_weight * out["koleo"] + c.dbt_weight * out["dbt"])
+            out["ibot"] = student["global_dino"].sum() * 0.0
         out["teacher_entropy"] = mean_entropy(targets)
         out["teacher_marginal_entropy"] = marginal_entropy(targets)
+        return out
+
+    def batch_terms(self, global_cls: Tensor, global_patch_mean: Tensor | None, n_global: int,
+                    dbt_pairs: Tensor | None = None, dbt_volumes: Tensor | None = None) -> dict[str, Tensor]:
+        """KoLeo and the DBT InfoNCE: both compare each image with the batch's other images (nearest
+        neighbour, negatives), so under DDP they take the whole batch's gathered embeddings
+        (view-major rows, as the student gives them)."""
+        c = self.config
+        zero = global_cls.sum() * 0.0
+        out = {"koleo": zero, "dbt": zero}
+        if c.koleo_weight > 0:
+            views = global_cls.reshape(n_global, -1, global_cls.shape[-1])
+            out["koleo"] = sum((koleo_loss(view, c.koleo_eps) for view in views), zero)
+        if dbt_pairs is not None and c.dbt_weight > 0:
+            embedding = global_cls if c.dbt_embedding == "cls" else global_patch_mean
+            out["dbt"] = dbt_pair_loss(embedding, dbt_pairs, c.dbt_temperature, dbt_volumes)
         return out

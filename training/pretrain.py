@@ -6,7 +6,7 @@ A run lives in one folder ``RUN``:
   ``epoch``; every loss term; ``lr``, ``weight_decay``, ``momentum``, ``teacher_temp``,
   ``teacher_entropy``, ``teacher_marginal_entropy``, ``grad_norm``, ``images_per_s``; ``skipped`` and
   ``skipped_images``: draws of and images without tissue since this process started).
-* ``RUN/checkpoints/step_XXXXXXX.safetensors`` (the last ``keep_checkpoints``) and ``last.safetensors``
+* ``RUN/checkpoints/step_<7-digit step>.safetensors`` (the last ``keep_checkpoints``) and ``last.safetensors``
   (a hard link to the newest), written atomically by :func:`training.checkpoint.save_checkpoint`, holding
   student, teacher, loss centres, optimiser state, torch RNG state, and as JSON metadata the config,
   data, command, git commit, step, Python/NumPy RNG states and the last metrics.
@@ -56,7 +56,7 @@ from .checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state,
 from .configs import PretrainConfig
 from .data import PretrainDataset, StepBatches, collate
 from .errors import MammoInputError
-from .losses import MammoDINOLoss, dbt_pair_loss, koleo_loss
+from .losses import MammoDINOLoss
 from .models import StudentTeacher
 from .schedules import apply_schedule, clip_gradients, param_groups, values_at
 
@@ -235,8 +235,8 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
         with autocast:
             out = student(images["global"], images["local"], masks, mask_inputs=True)
             teacher = run.model.forward_teacher(images["global"], masks)
-        local = run.loss(out, teacher, n_global, values.teacher_temp, masks, reduce=distributed.reduce)
-        whole = _whole_batch_terms(c, out, batch, n_global, [n for n, _, _ in shares])
+        local = run.loss.share_terms(out, teacher, n_global, values.teacher_temp, masks, reduce=distributed.reduce)
+        whole = _whole_batch_terms(run.loss, out, batch, n_global, [n for n, _, _ in shares])
         # dino, ibot and the entropies are means over this share: weighted by it, they sum to the whole
         # batch's; koleo and dbt were computed on the whole batch's gathered embeddings.
         stop_flag = float(bool(should_stop and should_stop()))
@@ -320,16 +320,13 @@ def _batches(run: Run, end: int, ctx: distributed.Context, device: torch.device)
         pin_memory=device.type == "cuda")
 
 
-def _whole_batch_terms(config: PretrainConfig, student: dict[str, torch.Tensor], batch: dict[str, Any],
+def _whole_batch_terms(loss: MammoDINOLoss, student: dict[str, torch.Tensor], batch: dict[str, Any],
                        n_global: int, sizes: list[int]) -> dict[str, torch.Tensor]:
-    """KoLeo and the DBT InfoNCE over the whole global batch: both compare each image with the batch's
-    other images (nearest neighbour, negatives), so every process gathers the embeddings of all and
-    computes the same values as a single process would (rows in the single-process order). ``sizes``:
-    every process's number of images."""
-    c = config.loss
+    """KoLeo and the DBT InfoNCE over the whole global batch: every process gathers the embeddings
+    of all (rows in the single-process order) and computes what a single process would.
+    ``sizes``: every process's number of images."""
+    c = loss.config
     cls = student["global_cls"]
-    zero = cls.sum() * 0.0
-    out = {"koleo": zero, "dbt": zero}
     n_local = cls.shape[0] // n_global
     offset, n_all = sum(sizes[:distributed.rank()]), sum(sizes)
 
@@ -337,17 +334,16 @@ def _whole_batch_terms(config: PretrainConfig, student: dict[str, torch.Tensor],
         gathered = distributed.gather_rows(rows.reshape(n_global, n_local, -1).transpose(0, 1))
         return gathered.transpose(0, 1).reshape(n_global * n_all, -1)
 
-    if c.koleo_weight > 0:
-        views = whole(cls).reshape(n_global, n_all, -1)
-        out["koleo"] = sum((koleo_loss(view, c.koleo_eps) for view in views), zero)
-    if c.dbt_weight > 0:
-        embedding = whole(cls if c.dbt_embedding == "cls" else student["global_patch_mean"])
-        pairs = batch["dbt_pairs"].to(cls.device)
-        rows = pairs // n_local * n_all + offset + pairs % n_local  # local view-major rows -> global ones
+    dbt = c.dbt_weight > 0
+    cls_all = whole(cls) if c.koleo_weight > 0 or (dbt and c.dbt_embedding == "cls") else cls
+    patch_all = whole(student["global_patch_mean"]) if dbt and c.dbt_embedding != "cls" else None
+    pairs = volumes = None
+    if dbt:
+        local_pairs = batch["dbt_pairs"].to(cls.device)
+        rows = local_pairs // n_local * n_all + offset + local_pairs % n_local  # local rows -> global ones
         pairs = distributed.gather_rows(rows)
         volumes = distributed.gather_rows(batch["dbt_volumes"].to(cls.device))
-        out["dbt"] = dbt_pair_loss(embedding, pairs, c.dbt_temperature, volumes)
-    return out
+    return loss.batch_terms(cls_all, patch_all, n_global, pairs, volumes)
 
 
 def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_steps: int | None = None,
