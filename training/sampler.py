@@ -617,17 +617,20 @@ class _Pyramid:
             self.levels.append(half)
         return self.levels[k]
 
-    def resample(self, box: Box, size: int, lo: float, hi: float) -> np.ndarray:
-        """The box (image pixels) as a size x size float32 crop, intensities mapped [lo, hi] -> [0, 1]."""
+    def resample(self, box: Box, size: int | tuple[int, int], lo: float, hi: float) -> np.ndarray:
+        """The box (image pixels) as a size x size (or rows x cols) float32 crop, intensities mapped
+        [lo, hi] -> [0, 1]."""
         r0, c0, r1, c1 = box
         height, width = r1 - r0, c1 - c0
+        rows, cols = (size, size) if isinstance(size, int) else size
         base = self.levels[0].shape
         k = 0
-        while min(height, width) >= size * 2 ** (k + 1) and min(base) >= 2 ** (k + 2):
+        while (height >= rows * 2 ** (k + 1) and width >= cols * 2 ** (k + 1)
+               and min(base) >= 2 ** (k + 2)):
             k += 1
         level = self.level(k)
-        ys = _axis(r0 - self.origin[0], height, size, k, level.shape[0])
-        xs = _axis(c0 - self.origin[1], width, size, k, level.shape[1])
+        ys = _axis(r0 - self.origin[0], height, rows, k, level.shape[0])
+        xs = _axis(c0 - self.origin[1], width, cols, k, level.shape[1])
         (y0, y1, wy), (x0, x1, wx) = ys, xs
         ya, yb, xa, xb = int(y0[0]), int(y1[-1]) + 1, int(x0[0]), int(x1[-1]) + 1
         window = level[ya:yb, xa:xb]
