@@ -364,14 +364,20 @@ def load_encoder(spec: str | Path | None = None, device: str | torch.device = "c
 
 
 def random_encoder(spec: str, seed: int = 0) -> Encoder:
-    """``ARCH`` or ``ARCH/PATCH`` (e.g. ``small/14``) with random weights, the same for a given seed."""
+    """``ARCH`` or ``ARCH/PATCH`` (e.g. ``small/14``), or a pretraining preset's model (e.g. ``cpu-tiny``:
+    the baseline of an ablation), with random weights, the same for a given seed."""
+    from .configs import PRESETS_DIR, load_config
+
     match = re.fullmatch(r"(\w+)(?:/(\d+))?", spec)
-    if match is None or match.group(1) not in ARCHS:
-        raise MammoInputError(f"random:{spec}: expected random:ARCH or random:ARCH/PATCH with ARCH one of "
-                              f"{sorted(ARCHS)}")
-    patch = int(match.group(2) or 14)
-    config = ModelConfig(arch=match.group(1), patch_size=patch, img_size=16 * patch, drop_path_rate=0.0,
-                         dino_head=HeadConfig(n_prototypes=16, hidden_dim=16, bottleneck_dim=16))
+    if (PRESETS_DIR / f"{spec}.json").is_file():
+        config = load_config(spec).model
+    elif match is not None and match.group(1) in ARCHS:
+        patch = int(match.group(2) or 14)
+        config = ModelConfig(arch=match.group(1), patch_size=patch, img_size=16 * patch, drop_path_rate=0.0,
+                             dino_head=HeadConfig(n_prototypes=16, hidden_dim=16, bottleneck_dim=16))
+    else:
+        raise MammoInputError(f"random:{spec}: expected random:ARCH, random:ARCH/PATCH (ARCH one of "
+                              f"{sorted(ARCHS)}) or random:PRESET")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         backbone = ViTBackbone(config)
