@@ -364,13 +364,14 @@ def load_encoder(spec: str | Path | None = None, device: str | torch.device = "c
 
 
 def random_encoder(spec: str, seed: int = 0) -> Encoder:
-    """``ARCH`` or ``ARCH/PATCH`` (e.g. ``small/14``), or a pretraining preset's model (e.g. ``cpu-tiny``:
-    the baseline of an ablation), with random weights, the same for a given seed."""
+    """``ARCH`` or ``ARCH/PATCH`` (e.g. ``small/14``), or the model of a pretraining preset or config file
+    (``cpu-tiny``, ``runs/my.json``: the baseline of an ablation), with random weights, the same for a
+    given seed."""
     from .configs import PRESETS_DIR, load_config
 
     match = re.fullmatch(r"(\w+)(?:/(\d+))?", spec)
-    if (PRESETS_DIR / f"{spec}.json").is_file():
-        config = load_config(spec).model
+    if (PRESETS_DIR / f"{spec}.json").is_file() or spec.endswith(".json"):
+        config = load_config(spec).model  # a preset or a pretraining config file
     elif match is not None and match.group(1) in ARCHS:
         patch = int(match.group(2) or 14)
         config = ModelConfig(arch=match.group(1), patch_size=patch, img_size=16 * patch, drop_path_rate=0.0,
