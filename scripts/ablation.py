@@ -26,11 +26,14 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+
+from training.checkpoint import read_metadata
 
 ROOT = Path(__file__).resolve().parents[1]
 MAMMODINO = [sys.executable, "-m", "training"]
@@ -49,7 +52,10 @@ RESOLUTION = 224  # 14 patches of 16 px on the long side: the scale cpu-tiny's c
 
 def run(command: list[str], log: Path | None = None) -> str:
     print("$", " ".join(map(str, command)), file=sys.stderr, flush=True)
-    done = subprocess.run(command, cwd=ROOT, text=True, capture_output=True)
+    # One torch thread per process: on a shared or busy CPU, torch's default threads oversubscribe it
+    # (measured 10-40x slower forward passes under load here).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    done = subprocess.run(command, cwd=ROOT, text=True, capture_output=True, env=env)
     if log is not None:
         log.write_text(done.stderr)
     if done.returncode != 0:
@@ -85,25 +91,34 @@ def cbis_views() -> list[Path]:
 def train(work: Path) -> None:
     for arm in TRAIN_ORDER:
         out = work / "runs" / RUN_NAMES[arm]
-        if (out / "checkpoints" / "last.safetensors").is_file():
-            continue
+        last = out / "checkpoints" / "last.safetensors"
+        resume = []
+        if last.is_file():
+            if read_metadata(last)["step"] >= json.loads(CONFIG.read_text())["schedule"]["total_steps"]:
+                continue
+            resume = ["--resume"]  # an interrupted arm continues exactly where it stopped
         run([*MAMMODINO, "pretrain", "--config", str(CONFIG), "--data", str(work / "data" / "pretrain.csv"),
-             "--out", str(out), *ARMS[arm][1], "--quiet", "--json"])
+             "--out", str(out), *ARMS[arm][1], *resume, "--quiet", "--json"])
 
 
 def encoder_spec(work: Path, arm: str) -> str:
     return f"random:{CONFIG}" if arm == "a" else str(work / "runs" / RUN_NAMES[arm] / "checkpoints" / "last.safetensors")
 
 
-def attention_in_tissue(spec: str, paths: list[Path]) -> float:
-    """Mean share of last-layer class-token attention inside the tissue mask (training.infer's measure)."""
+def attention_in_tissue(spec: str, paths: list[Path]) -> dict[str, float]:
+    """Mean share of last-layer class-token attention inside the tissue mask (training.infer's measure),
+    and the share uniform attention would give (the tissue's share of the input: the chance level)."""
+    import torch
+
     from training.encoder import load_encoder
     from training.infer import infer_image
     from training.io import open_image
 
+    torch.set_num_threads(1)
     encoder = load_encoder(spec)
-    return float(np.mean([infer_image(encoder, open_image(p), resolution=RESOLUTION).attention_in_tissue
-                          for p in paths]))
+    results = [infer_image(encoder, open_image(p), resolution=RESOLUTION) for p in paths]
+    return {"attention": float(np.mean([r.attention_in_tissue for r in results])),
+            "uniform": float(np.mean([r.tissue_share for r in results]))}
 
 
 def evaluate(work: Path) -> dict:
@@ -137,7 +152,10 @@ def table(results: dict) -> str:
         p = entry["probe"]
         a = entry["attention_in_tissue"]
         lines.append(f"| ({arm}) {entry['arm']} | {cell(p['density']['auroc'])} | {cell(p['density']['balanced_accuracy'])} | "
-                     f"{cell(p['lesion']['auroc'])} | {cell(p['lesion_type']['auroc'])} | {a['phantom']:.3f} / {a['cbis']:.3f} |")
+                     f"{cell(p['lesion']['auroc'])} | {cell(p['lesion_type']['auroc'])} | "
+                     f"{a['phantom']['attention']:.3f} / {a['cbis']['attention']:.3f} |")
+    uniform = next(iter(results.values()))["attention_in_tissue"]
+    lines.append(f"| uniform attention (chance) | | | | | {uniform['phantom']['uniform']:.3f} / {uniform['cbis']['uniform']:.3f} |")
     return "\n".join(lines)
 
 
