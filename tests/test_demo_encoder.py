@@ -5,15 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from training.checkpoint import read_header, read_metadata
 from training.encoder import DEMO_CHECKPOINT, load_encoder
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def demo():
-    torch.set_num_threads(1)
     return load_encoder(None)
 
 

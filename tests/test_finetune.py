@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from training.checkpoint import read_metadata
 from training.cli import main
@@ -29,13 +28,7 @@ FAST = ["--checkpoint", "random:tiny/16", "--resolution", "64", "--quiet", "--js
 METRIC_KEYS = {"step", "epoch", "loss", "val_loss", "val_balanced_accuracy", "val_auroc", "lr", "images_per_s"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # 2 cores shared with other jobs: torch's second thread only waits on the first at these sizes
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="session")

@@ -19,15 +19,7 @@ ENCODER = "random:tiny/16"
 RESOLUTION = 192  # 12 x ~8 patches of 16 px: fast, and still a grid to place
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models gain nothing from intra-op threads, and on a busy 2-core runner they lose 5-10x."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def widget_for(viewer, resolution=RESOLUTION, spec=ENCODER) -> InferenceWidget:

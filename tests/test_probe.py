@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from dicom_factory import write_enhanced_dbt
@@ -27,13 +26,7 @@ from training.probe import (bootstrap_intervals, classification_metrics, evaluat
 REQUIRED = {"auroc", "balanced_accuracy", "macro_f1", "n", "classes", "folds", "target", "encoder", "counts"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny forward passes: on a shared CI core, a second thread only waits on the first."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

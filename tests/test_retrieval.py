@@ -10,19 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from training.cli import main
 from training.errors import MammoInputError
 from training.retrieval import Embeddings, nearest, normalise, precision_at_k
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

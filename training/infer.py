@@ -30,14 +30,14 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Generator, Literal
+from typing import Any, Callable, Literal
 
 import numpy as np
 
 from .encoder import Encoder, Output, Prepared, read_frame
 from .errors import MammoInputError
+from .progress import Steps, run_steps  # noqa: F401 (run_steps: the widget's and tests' entry)
 
-Steps = Generator[tuple[int, int], None, Any]  # yields (done, total), returns the result
 Attention = Literal["last", "rollout"]
 TISSUE_PATCH = 0.5  # a patch at least half inside the tissue mask is a tissue patch (PCA fit, PCA shown)
 PCA_PERCENTILES = (1.0, 99.0)  # robust per-channel range of the PCA colours
@@ -315,17 +315,6 @@ def infer_image(encoder: Encoder, image: Any, frame: int | None = None, resoluti
     ``attention_in_tissue``); ``should_stop()`` is polled between steps and before each transformer
     block (True raises :class:`InferenceCancelled`); ``progress(done, total)`` follows the steps."""
     return run_steps(inference_steps(encoder, image, frame, resolution, attention, should_stop), progress)
-
-
-def run_steps(steps: Steps, progress: Callable[[int, int], None] | None = None) -> Any:
-    """Run a step generator to the end in this thread; returns what it returns."""
-    while True:
-        try:
-            done, total = next(steps)
-        except StopIteration as stop:
-            return stop.value
-        if progress is not None:
-            progress(done, total)
 
 
 # --- placing patch maps ----------------------------------------------------------------------------
