@@ -43,8 +43,8 @@ from torch import Tensor
 
 from .encoder import Encoder, Prepared, TaskHead
 from .errors import MammoInputError
-from .finetune import (Cancelled, FinetuneConfig, RunFolder, _run_epochs, class_weights, encode, grouped_split,
-                       standardise, weighted_loss)
+from .finetune import (Cancelled, FinetuneConfig, RunFolder, _linear_epoch, _run_epochs, class_weights, encode,
+                       grouped_split, standardise, weighted_loss)
 from .labels import LabelledSet
 
 HEAD_NAME = "lesion_heatmap"
@@ -253,20 +253,11 @@ def train_localisation(encoder: Encoder, labelled: LabelledSet, config: Finetune
     patches_per_image = max(1, len(y_train) // max(len(train), 1))
     batch = config.batch_size * patches_per_image
 
+    patch_epoch = _linear_epoch(head, x_train, y_train, w, np.arange(len(y_train)), optimizer, batch, generator, stop)
+
     def train_epoch() -> tuple[float, int, int]:
-        head.train()
-        order = torch.randperm(len(y_train), generator=generator).to(device)
-        total, steps = 0.0, 0
-        for start in range(0, len(order), batch):
-            rows = order[start:start + batch]
-            loss = weighted_loss(head(x_train[rows]), y_train[rows], w)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(rows)
-            steps += 1
-        head.eval()
-        return total / len(order), steps, len(train)
+        loss, steps, _ = patch_epoch()
+        return loss, steps, len(train)  # images, not patches, for images/s
 
     @torch.no_grad()
     def evaluate() -> dict[str, Any]:
