@@ -5,9 +5,9 @@ does it: student forward (2 global crops with iBOT masks + N local crops), teach
 crops), losses, backward, per-part gradient clipping (3.0, backbone and head apart, as DINOv2),
 AdamW step, EMA update of the teacher. Data loading is not timed: both get the same random tensors.
 
-* ``ours``: :class:`training.models.StudentTeacher` + :class:`training.losses.MammoDINOLoss`, with
-  :func:`training.schedules.param_groups` (layer-wise lr decay groups), ``apply_schedule``,
-  ``clip_gradients`` and ``update_teacher``: the code of ``pretrain_steps``, minus data and logging.
+* ``ours``: ``training.pretrain.train_step``, the very function ``pretrain_steps`` calls each step
+  (schedules, forward, losses, backward, clipping, AdamW, EMA), on the model, loss and AdamW (layer-wise
+  lr decay groups) of ``training.pretrain.build_training``; minus data loading and logging.
 * ``lightly``: lightly's documented DINOv2 example (``examples/pytorch/dinov2.py`` of lightly 1.6):
   ``MaskedVisionTransformerTIMM`` around a timm ``VisionTransformer``, ``DINOv2ProjectionHead`` for
   DINO and iBOT (shared head, DINOv2's default), ``DINOLoss``, ``IBOTPatchLoss``, ``KoLeoLoss``
@@ -102,50 +102,48 @@ def make_batch(args: argparse.Namespace) -> dict[str, Tensor]:
     return {
         "global": torch.rand(n_global_rows, 1, args.global_size, args.global_size, generator=gen),
         "local": torch.rand(args.n_local * args.batch, 1, args.local_size, args.local_size, generator=gen),
-        "masks": masks,
+        "masks": masks, "n_images": args.batch,
         # DBT pairs (only for ours+dbt): image p's first global crop with its second, one volume each.
-        "dbt_pairs": torch.stack([pairs, pairs + args.batch], dim=1),
+        "dbt_pairs": torch.stack([pairs, pairs + args.batch], dim=1), "dbt_volumes": pairs,
     }
 
 
 # --- the two steps ---------------------------------------------------------------------------------
 
-def build_ours(args: argparse.Namespace, dbt: bool = False) -> Callable[[dict[str, Tensor], int], float]:
-    from training.losses import LossConfig, MammoDINOLoss
-    from training.models import HeadConfig, ModelConfig, StudentTeacher
-    from training.schedules import ScheduleConfig, apply_schedule, clip_gradients, param_groups, values_at
+def ours_config(args: argparse.Namespace, dbt: bool = False) -> Any:
+    """The benchmark's settings as a pretraining config: constant teacher temperature, no warm-ups."""
+    from training.configs import PretrainConfig
+    from training.configs import TrainConfig
+    from training.losses import LossConfig
+    from training.models import HeadConfig, ModelConfig
+    from training.sampler import SamplerConfig
+    from training.schedules import ScheduleConfig
 
     head = HeadConfig(n_prototypes=args.prototypes, hidden_dim=args.hidden, bottleneck_dim=args.bottleneck)
-    model_config = ModelConfig(arch=args.arch, patch_size=args.patch, img_size=args.global_size,
-                               drop_path_rate=args.drop_path, dino_head=head)
+    return PretrainConfig(
+        model=ModelConfig(arch=args.arch, patch_size=args.patch, img_size=args.global_size,
+                          drop_path_rate=args.drop_path, dino_head=head),
+        loss=LossConfig(centering=args.centering, dbt_weight=1.0 if dbt else 0.0),
+        schedule=ScheduleConfig(total_steps=1000, warmup_steps=0, freeze_last_layer_steps=0,
+                                teacher_temp_warmup=TEACHER_TEMP, teacher_temp=TEACHER_TEMP,
+                                momentum_teacher=MOMENTUM, clip_grad=CLIP),
+        sampler=SamplerConfig(global_size=args.global_size, local_size=args.local_size, n_global=2,
+                              n_local=args.n_local, patch_size=args.patch),
+        train=TrainConfig(batch_size=args.batch))
+
+
+def build_ours(args: argparse.Namespace, dbt: bool = False) -> Callable[[dict[str, Tensor], int], float]:
+    """Our step is the training loop's own: ``training.pretrain.train_step`` on a model, loss and AdamW
+    from ``training.pretrain.build_training``."""
+    from training.pretrain import build_training, train_step
+
+    config = ours_config(args, dbt)
     torch.manual_seed(1)
-    model = StudentTeacher(model_config)
-    loss = MammoDINOLoss(LossConfig(centering=args.centering, dbt_weight=1.0 if dbt else 0.0),
-                         args.prototypes)
-    schedule = ScheduleConfig(total_steps=1000, warmup_steps=0, freeze_last_layer_steps=0,
-                              teacher_temp_warmup=TEACHER_TEMP, teacher_temp=TEACHER_TEMP,
-                              momentum_teacher=MOMENTUM, clip_grad=CLIP)
-    optimizer = torch.optim.AdamW(param_groups(model.student.named_parameters(), model_config.dims[1],
-                                               schedule.layerwise_decay, schedule.patch_embed_lr_mult),
-                                  lr=0.0, betas=schedule.adamw_betas)
-    parts = {"backbone": model.student.backbone, "dino_head": model.student.dino_head}
+    model, loss, optimizer = build_training(config)
     model.train()
 
     def step(batch: dict[str, Tensor], i: int) -> float:
-        values = values_at(schedule, i, args.batch)
-        apply_schedule(optimizer, values)
-        masks = batch["masks"]
-        student = model.forward_student(batch["global"], batch["local"], masks)
-        teacher = model.forward_teacher(batch["global"], masks)
-        losses = loss(student, teacher, 2, values.teacher_temp, masks,
-                      batch["dbt_pairs"] if dbt else None, None)
-        total = float(losses["total"].detach())
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        clip_gradients(parts, schedule.clip_grad)
-        optimizer.step()
-        model.update_teacher(values.momentum)
-        return total
+        return train_step(model, loss, optimizer, config, batch, i).scalars["total"]
 
     step.model = model  # type: ignore[attr-defined]  (for check_equivalence)
     step.loss = loss  # type: ignore[attr-defined]

@@ -160,14 +160,21 @@ def test_loss_falls_and_the_teacher_does_not_collapse(labels, tmp_path):
     assert last < first - 0.05, (first, last)
     assert lines[-1]["dino"] < lines[0]["dino"]  # not the KoLeo term alone
     assert any(m["dbt"] > 0 for m in lines)  # batches with both volumes' pairs have negatives
-    floor = 0.5 * math.log(64)  # half of log K (K = 64 prototypes): far from one-hot targets
-    assert all(m["teacher_entropy"] > floor for m in lines)
+    log_k = math.log(64)  # K = 64 prototypes
+    # The targets carry image information: uniform targets (entropy exactly log K, what DINOv2's layer
+    # scale 1e-5 gives for this whole run) would let the DINO loss fall by the student turning uniform.
+    assert all(m["teacher_entropy"] < log_k - 0.002 for m in lines), [m["teacher_entropy"] for m in lines]
+    # ... and the student learns to predict them: the DINO loss less the targets' entropy (the KL part)
+    assert lines[-1]["dino"] - lines[-1]["teacher_entropy"] < 0.2 * (lines[0]["dino"] - lines[0]["teacher_entropy"])
+    # no collapse: per-image targets far from one-hot, every prototype used across the batch
+    assert all(m["teacher_entropy"] > 0.5 * log_k and m["teacher_marginal_entropy"] > 0.95 * log_k for m in lines)
 
 
 def test_the_teacher_centre_lifts_the_initial_collapse(labels, tmp_path):
     # At initialisation (layer scale 1e-5) every image gives the teacher nearly the same logits: with the
     # running-centre softmax (DINO) the batch-mean target starts near one-hot, and centring must spread it.
-    config = load_config("cpu-tiny", MICRO + ["loss.centering=softmax_center", "train.checkpoint_every=100"])
+    config = load_config("cpu-tiny", MICRO + ["loss.centering=softmax_center", "train.checkpoint_every=100",
+                                              "model.layerscale=1e-5"])
     pretrain(config, labels, tmp_path / "run", max_steps=15, progress=False, guard=Guard(0.0))
     lines = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert lines[-1]["teacher_marginal_entropy"] > lines[0]["teacher_marginal_entropy"] + 0.5, lines

@@ -11,6 +11,11 @@ multi-crop batches by the tissue-aware sampler.
   the batch lists them in ``skipped`` so the training loop can warn once with the totals.
 * Memory. An LRU cache per process keeps the last ``cache_frames`` decoded frames with their tissue
   masks: a tiny dataset is decoded and segmented once, a large one holds only a few frames.
+* Preprocessing cache. Given a :class:`training.cache.FrameCache` (``mammodino pretrain --cache DIR``),
+  frames and tissue masks are read from its memory-mapped arrays instead of being decoded and segmented
+  again each epoch. The sampling rule, seeds and batch layout are the same; what differs is the pixel
+  grid (the cache's downsampled resolution, e.g. a 1024 px long side) and 16-bit quantised intensities
+  (see :mod:`training.cache`).
 
 Collated batches are view-major, as :class:`training.models.SSLNetwork` and the losses expect: crop ``v``
 of batch image ``b`` is row ``v * B + b``. A DBT pair counts as two batch images (its two slices), and
@@ -24,13 +29,16 @@ import csv
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from .errors import MammoInputError
 from .sampler import MultiCropSampler, NoTissueError, SamplerConfig, Sample
+
+if TYPE_CHECKING:
+    from .cache import FrameCache
 
 
 @dataclass
@@ -47,37 +55,31 @@ class PretrainDataset:
     series folders relative to the CSV), sampled deterministically from ``(seed, epoch, index)``."""
 
     def __init__(self, source: str | Path, config: SamplerConfig, seed: int = 0, naive: bool = False,
-                 cache_frames: int = 8):
-        from .io import open_path
-
+                 cache_frames: int = 8, cache: "FrameCache | str | Path | None" = None):
         self.source = Path(source)
         self.config = config
         self.seed = seed
         self.sampler = MultiCropSampler(config, tissue_aware=not naive)
         self.cache_frames = cache_frames
-        self._cache: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
-        self.images = [image for path in self.paths() for image in open_path(path)]
-        if not self.images:
-            raise MammoInputError(f"{self.source}: no DICOM images to pretrain on")
+        self._recent: OrderedDict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self.images = open_data(self.source)
+        self.cache: FrameCache | None = None
+        self.entries: list[dict[str, Any]] = []
+        if cache is not None:
+            self.use_cache(cache)
+
+    def use_cache(self, cache: "FrameCache | str | Path") -> None:
+        """Read frames and tissue masks from a built preprocessing cache (every image must have an
+        up-to-date entry: :func:`training.cache.build_cache`)."""
+        from .cache import FrameCache
+
+        self.cache = cache if isinstance(cache, FrameCache) else FrameCache(cache)
+        self.entries = [self.cache.entry(image) for image in self.images]
+        self._recent.clear()
 
     def paths(self) -> list[Path]:
         """What to open: the folder itself, or each CSV row's ``path`` (relative to the CSV)."""
-        source = self.source
-        if source.is_dir():
-            return [source]
-        if not source.is_file():
-            raise MammoInputError(f"--data {source}: no such folder or CSV file")
-        if source.suffix.lower() != ".csv":
-            raise MammoInputError(f"--data {source}: expected a folder of DICOM files or a labels CSV")
-        with open(source, newline="", encoding="utf-8") as f:
-            rows = list(csv.DictReader(f))
-        if not rows or "path" not in rows[0]:
-            raise MammoInputError(f"{source.name}: a labels CSV needs a 'path' column (relative to the CSV)")
-        paths = list(dict.fromkeys(source.parent / row["path"] for row in rows if row["path"]))
-        missing = [str(p) for p in paths if not p.exists()]
-        if missing:
-            raise MammoInputError(f"{source.name}: {len(missing)} paths do not exist, e.g. {missing[0]}")
-        return paths
+        return data_paths(self.source)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -85,8 +87,11 @@ class PretrainDataset:
     def describe(self) -> dict[str, Any]:
         """What a checkpoint records about its data."""
         kinds = [("dbt" if image.data.ndim == 3 else "ffdm") for image in self.images]
-        return {"source": str(self.source.resolve()), "images": len(kinds),
-                "ffdm": kinds.count("ffdm"), "dbt": kinds.count("dbt"), "seed": self.seed}
+        out = {"source": str(self.source.resolve()), "images": len(kinds),
+               "ffdm": kinds.count("ffdm"), "dbt": kinds.count("dbt"), "seed": self.seed}
+        if self.cache is not None:
+            out["cache"] = self.cache.describe()
+        return out
 
     def item_seed(self, epoch: int, index: int) -> int:
         return int(np.random.SeedSequence((self.seed, epoch, index)).generate_state(1)[0])
@@ -110,23 +115,63 @@ class PretrainDataset:
             return Item(index, None)
 
     def _frame(self, index: int, frame: int) -> tuple[np.ndarray, np.ndarray]:
-        """Decoded values (MONOCHROME1 inverted, as :func:`training.sampler.sample_images`) and tissue mask."""
-        from .tissue import tissue_of
-
+        """MONOCHROME2 values and tissue mask of one frame: from the preprocessing cache when there is
+        one (memory-mapped), else decoded and segmented (:func:`frame_and_tissue`)."""
         key = (index, frame)
-        if key in self._cache:
-            self._cache.move_to_end(key)
-            return self._cache[key]
-        image = self.images[index]
-        values = image.frame(frame)
-        twin = _TwinFrame(image, frame, values)
-        mask = tissue_of(twin, index=frame if image.data.ndim == 3 else None).mask
-        if image.meta.photometric == "MONOCHROME1":
-            values = np.negative(values, dtype=np.float32)
-        self._cache[key] = (values, np.asarray(mask))
-        while len(self._cache) > self.cache_frames:
-            self._cache.popitem(last=False)
-        return self._cache[key]
+        if key in self._recent:
+            self._recent.move_to_end(key)
+            return self._recent[key]
+        if self.cache is not None:
+            self._recent[key] = self.cache.frame(self.entries[index], frame)
+        else:
+            self._recent[key] = frame_and_tissue(self.images[index], frame)
+        while len(self._recent) > self.cache_frames:
+            self._recent.popitem(last=False)
+        return self._recent[key]
+
+
+def data_paths(source: str | Path) -> list[Path]:
+    """What ``--data`` names: a folder (itself), or each ``path`` of a labels CSV (relative to it)."""
+    source = Path(source)
+    if source.is_dir():
+        return [source]
+    if not source.is_file():
+        raise MammoInputError(f"--data {source}: no such folder or CSV file")
+    if source.suffix.lower() != ".csv":
+        raise MammoInputError(f"--data {source}: expected a folder of DICOM files or a labels CSV")
+    with open(source, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "path" not in rows[0]:
+        raise MammoInputError(f"{source.name}: a labels CSV needs a 'path' column (relative to the CSV)")
+    paths = list(dict.fromkeys(source.parent / row["path"] for row in rows if row["path"]))
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise MammoInputError(f"{source.name}: {len(missing)} paths do not exist, e.g. {missing[0]}")
+    return paths
+
+
+def open_data(source: str | Path) -> list[Any]:
+    """Every image (:class:`training.io.MammoImage`, headers read, pixels lazy) that ``--data`` names."""
+    from .io import open_path
+
+    images = [image for path in data_paths(source) for image in open_path(path)]
+    if not images:
+        raise MammoInputError(f"{source}: no DICOM images to pretrain on")
+    return images
+
+
+def frame_and_tissue(image: Any, frame: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frame ``frame`` of ``image`` decoded, MONOCHROME1 inverted as :func:`training.sampler.sample_images`
+    does (the sampler wants tissue bright), and its tissue mask (:func:`training.tissue.tissue_of`, per
+    slice for DBT). What the sampler gets for a frame, with or without the preprocessing cache."""
+    from .tissue import tissue_of
+
+    values = image.frame(frame)
+    twin = _TwinFrame(image, frame, values)
+    mask = tissue_of(twin, index=frame if image.data.ndim == 3 else None).mask
+    if image.meta.photometric == "MONOCHROME1":
+        values = np.negative(values, dtype=np.float32)
+    return values, np.asarray(mask)
 
 
 class _TwinFrame:

@@ -22,6 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .errors import MammoInputError
+
 _OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
@@ -35,18 +37,26 @@ class Context:
     device: torch.device
 
 
-def setup() -> Context:
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def setup(device: str = "auto") -> Context:
     """Join torchrun's process group (once; later calls reuse it), or describe the single process.
-    Each process trains on ``cuda:LOCAL_RANK`` when CUDA is available, else on the CPU."""
+    Each process trains on ``cuda:LOCAL_RANK`` with ``device`` "cuda", or "auto" when CUDA is
+    available; on the CPU with "cpu" (gloo, even on a GPU machine) or "auto" without CUDA."""
+    if device not in DEVICES:
+        raise MammoInputError(f"--device {device}: choose one of {', '.join(DEVICES)}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise MammoInputError("--device cuda: this torch sees no CUDA device; use --device cpu (or auto)")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    where = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
-        torch.cuda.set_device(device)
+        torch.cuda.set_device(where)
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         # MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE are read from the environment ("env://").
-        dist.init_process_group("nccl" if cuda else "gloo", device_id=device if cuda else None)
-    return Context(rank(), world_size(), local_rank, device)
+        dist.init_process_group("nccl" if cuda else "gloo", device_id=where if cuda else None)
+    return Context(rank(), world_size(), local_rank, where)
 
 
 def cleanup() -> None:

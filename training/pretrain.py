@@ -29,8 +29,16 @@ progress bar. Left approximate: ``teacher_marginal_entropy`` is the share-weight
 process's value (a lower bound: the collapse guard fires no later), and drop-path draws differ from a
 single process's (each process draws for its share).
 
-:func:`pretrain_steps` is a generator (one dict per step) so a GUI worker can drive it and cancel it;
-:func:`pretrain` runs it to the end with a tqdm progress bar on stderr.
+Options: ``init_weights`` starts both backbones from a local DINOv2 / RAD-DINO / timm ``.safetensors``
+file (recorded, with its SHA-256, as ``init_weights`` in every checkpoint; a resumed run keeps it);
+``cache`` reads frames and tissue masks from a preprocessing cache (:mod:`training.cache`), built or
+updated first, so epochs do not decode DICOM again (a resumed run must read its data the same way);
+``device`` is "auto" (CUDA when available), "cpu" or "cuda".
+
+:func:`train_step` is one optimiser step (forward, losses, backward, clipping, AdamW, EMA), the same
+function in the loop and in ``benchmarks/bench_pretrain_step.py``. :func:`pretrain_steps` is a generator
+(one dict per step) so a GUI worker can drive it and cancel it; :func:`pretrain` runs it to the end with
+a tqdm progress bar on stderr.
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ from .data import PretrainDataset, StepBatches, collate
 from .errors import MammoInputError
 from .losses import MammoDINOLoss
 from .models import StudentTeacher
-from .schedules import apply_schedule, clip_gradients, param_groups, values_at
+from .schedules import ScheduleValues, apply_schedule, clip_gradients, param_groups, values_at
 
 LOSS_TERMS = ("total", "dino", "ibot", "koleo", "dbt")
 
@@ -94,36 +102,84 @@ class Run:
         return self.out / "checkpoints"
 
 
+def build_training(config: PretrainConfig, device: str | torch.device = "cpu"
+                   ) -> tuple[StudentTeacher, MammoDINOLoss, torch.optim.Optimizer]:
+    """The student/teacher pair and the loss on ``device``, and AdamW over the student's layer-wise
+    parameter groups (learning rates and weight decay are set by :func:`train_step` each step)."""
+    model = StudentTeacher(config.model).to(device)
+    loss = MammoDINOLoss(config.loss, config.model.dino_head.n_prototypes, config.model.ibot_prototypes).to(device)
+    groups = param_groups(model.student.named_parameters(), config.model.dims[1],
+                          config.schedule.layerwise_decay, config.schedule.patch_embed_lr_mult)
+    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=config.schedule.adamw_betas)
+    return model, loss, optimizer
+
+
 def build_run(config: PretrainConfig, data: str | Path, out: str | Path, resume: bool = False,
-              command: Sequence[str] | None = None, device: str | torch.device = "cpu") -> Run:
+              command: Sequence[str] | None = None, device: str | torch.device = "cpu",
+              init_weights: str | Path | None = None, cache: str | Path | None = None,
+              progress: bool = False) -> Run:
     """Model, loss, optimiser and data for ``config``, the model and loss on ``device``; with ``resume``,
     restored from ``out``'s last checkpoint (whose config must equal ``config``). Under torchrun every
-    process builds (and restores) the same run."""
+    process builds (and restores) the same run.
+
+    ``init_weights``: a local DINOv2 / RAD-DINO / timm ``.safetensors`` backbone both student and teacher
+    start from (:meth:`StudentTeacher.load_backbone`; recorded in the checkpoints' ``init_weights``).
+    ``cache``: a preprocessing-cache folder (:mod:`training.cache`), built or brought up to date here
+    (by rank 0, in ``train.num_workers`` local processes; ``mammodino cache`` for more, or a cluster)
+    and then read instead of the DICOM files."""
     out = Path(out)
     last = out / "checkpoints" / "last.safetensors"
     if resume and not last.is_file():
         raise MammoInputError(f"--resume: {out} holds no checkpoint (checkpoints/last.safetensors)")
     if not resume and last.exists():
         raise MammoInputError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
+    if init_weights is not None and not Path(init_weights).is_file():
+        raise MammoInputError(f"--init-weights {init_weights}: no such file")
     torch.manual_seed(config.train.seed)
     dataset = PretrainDataset(data, config.sampler, seed=config.train.seed, naive=config.train.naive_sampler)
-    model = StudentTeacher(config.model).to(device)
-    loss = MammoDINOLoss(config.loss, config.model.dino_head.n_prototypes, config.model.ibot_prototypes).to(device)
-    groups = param_groups(model.student.named_parameters(), config.model.dims[1],
-                          config.schedule.layerwise_decay, config.schedule.patch_embed_lr_mult)
-    optimizer = torch.optim.AdamW(groups, lr=0.0, betas=config.schedule.adamw_betas)
+    if cache is not None:
+        from .cache import FrameCache, build_cache
+
+        if distributed.is_main():  # as many processes as the run gives its DataLoader
+            build_cache(dataset.images, cache, workers=max(1, config.train.num_workers), progress=progress)
+        distributed.barrier()  # the other processes read what rank 0 wrote
+        dataset.use_cache(FrameCache(cache))
+    model, loss, optimizer = build_training(config, device)
     meta = provenance(list(command) if command is not None else None, dataset.describe())
+    if init_weights is not None and not resume:
+        report = model.load_backbone(init_weights)
+        meta["init_weights"] = {"path": str(Path(init_weights).resolve()), "sha256": _sha256(init_weights),
+                                **report}
     run = Run(config, out, model, loss, optimizer, dataset, 0, meta)
     if resume:
-        _restore(run, last)
+        _restore(run, last, init_weights)
     return run
 
 
-def _restore(run: Run, path: Path) -> None:
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _restore(run: Run, path: Path, init_weights: str | Path | None = None) -> None:
     tensors, meta = load_checkpoint(path)
     if meta.get("config") != run.config.to_dict():
         raise MammoInputError(f"--resume: the config differs from the run's ({path}); resume with the same "
                               f"--config and --set, or start a new --out")
+    cache_then = (meta.get("data") or {}).get("cache", {}).get("settings")
+    cache_now = run.dataset.cache.settings.to_dict() if run.dataset.cache is not None else None
+    if cache_then != cache_now:  # another resolution would change the batches
+        how = f"through a cache built with {cache_then}" if cache_then else "without a cache"
+        raise MammoInputError(f"--resume: the run read its data {how}; resume it the same way (--cache)")
+    started = meta.get("init_weights")
+    if init_weights is not None and (started or {}).get("path") != str(Path(init_weights).resolve()):
+        raise MammoInputError(f"--resume: the run started from {started['path'] if started else 'random weights'}, "
+                              f"not --init-weights {init_weights}; leave --init-weights out to resume")
+    if started:
+        run.meta["init_weights"] = started
     run.model.load_state_dict(unprefixed("model", tensors))
     run.loss.load_state_dict(unprefixed("loss", tensors))
     load_optimizer_state(run.optimizer, tensors, meta["optimizer"])
@@ -183,6 +239,85 @@ def _kept(run: Run) -> str:
     return f"the last good checkpoint (step {read_metadata(last).get('step')}) is kept: {last}"
 
 
+@dataclass
+class StepResult:
+    """What one optimiser step reports: the global batch's loss terms and teacher entropies
+    (``scalars``), the scheduled values it used, the student backbone's gradient norm before clipping,
+    and whether any process asked to stop after it."""
+
+    scalars: dict[str, float]
+    values: ScheduleValues
+    grad_norm: float
+    stop: bool
+
+
+class NonFiniteLoss(ArithmeticError):
+    """The step's loss is NaN or infinite; raised before the update, so the weights stay good."""
+
+    def __init__(self, value: float):
+        super().__init__(f"the loss became {value}")
+        self.value = value
+
+
+def train_step(model: StudentTeacher, loss: MammoDINOLoss, optimizer: torch.optim.Optimizer,
+               config: PretrainConfig, batch: dict[str, Any], step: int, *, student: torch.nn.Module | None = None,
+               sizes: Sequence[int] | None = None, masked: bool | None = None, stop: bool = False) -> StepResult:
+    """One MammoDINO optimiser step on ``batch`` (a :func:`training.data.collate` batch, this process's
+    share of global step ``step``): schedules applied, student and teacher forward (bf16 autocast with
+    ``train.precision``), losses, backward, per-part gradient clipping, AdamW step, EMA teacher update.
+    What :func:`pretrain_steps` runs each step, and what the benchmark times.
+
+    In a single process only ``batch`` and ``step`` matter. Under torchrun: ``student`` is the DDP-
+    wrapped student, ``sizes`` every process's number of images, ``masked`` whether any process has iBOT
+    masks (then every process passes its masks, so DDP sees the same parameters used), ``stop`` this
+    process's wish to stop (any process's is returned in :attr:`StepResult.stop`). Raises
+    :class:`NonFiniteLoss` before updating anything."""
+    c = config
+    device = next(model.parameters()).device
+    values = values_at(c.schedule, step, c.train.batch_size)
+    sizes = list(sizes) if sizes is not None else [batch["n_images"]]
+    share = batch["n_images"] / sum(sizes)  # this process's fraction of the global batch
+    apply_schedule(optimizer, values)
+    images = {k: batch[k].to(device, non_blocking=True) for k in ("global", "local", "masks")}
+    if masked is None:
+        masked = bool(images["masks"].any())
+    masks = images["masks"] if masked else None
+    n_global = c.sampler.n_global
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.train.precision == "bf16"):
+        out = (student or model.student)(images["global"], images["local"], masks, mask_inputs=True)
+        teacher = model.forward_teacher(images["global"], masks)
+    local = loss.share_terms(out, teacher, n_global, values.teacher_temp, masks, reduce=distributed.reduce)
+    whole = _whole_batch_terms(loss, out, batch, n_global, sizes)
+    # dino, ibot and the entropies are means over this share: weighted by it, they sum to the whole
+    # batch's; koleo and dbt were computed on the whole batch's gathered embeddings.
+    shared = torch.stack([local["dino"].detach().float() * share, local["ibot"].detach().float() * share,
+                          local["teacher_entropy"].float() * share,
+                          local["teacher_marginal_entropy"].float() * share,
+                          torch.tensor(float(stop), device=device)])
+    shared = distributed.reduce(shared, "sum").tolist()
+    scalars = {"dino": shared[0], "ibot": shared[1], "teacher_entropy": shared[2],
+               "teacher_marginal_entropy": shared[3], "koleo": float(whole["koleo"].detach()),
+               "dbt": float(whole["dbt"].detach())}
+    w = c.loss
+    scalars["total"] = (w.dino_weight * scalars["dino"] + w.ibot_weight * scalars["ibot"]
+                        + w.koleo_weight * scalars["koleo"] + w.dbt_weight * scalars["dbt"])
+    if not math.isfinite(scalars["total"]):  # checked before the update: the weights stay good
+        raise NonFiniteLoss(scalars["total"])
+    # DDP averages the processes' gradients: the share-weighted terms times W average to the whole
+    # batch's mean; the gathered terms are the same on every process (see distributed.gather_rows).
+    objective = (len(sizes) * share * (w.dino_weight * local["dino"] + w.ibot_weight * local["ibot"])
+                 + w.koleo_weight * whole["koleo"] + w.dbt_weight * whole["dbt"])
+    optimizer.zero_grad(set_to_none=True)
+    objective.backward()
+    parts = {"backbone": model.student.backbone, "dino_head": model.student.dino_head}
+    if model.student.ibot_head is not None:
+        parts["ibot_head"] = model.student.ibot_head
+    norms = clip_gradients(parts, c.schedule.clip_grad)
+    optimizer.step()
+    model.update_teacher(values.momentum)
+    return StepResult(scalars, values, norms.get("backbone", 0.0), shared[4] > 0)
+
+
 def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(),
                    should_stop: Any = None) -> Iterator[dict[str, Any]]:
     """Train from ``run.step`` to ``max_steps`` (default: the schedule's ``total_steps``), yielding each
@@ -193,14 +328,10 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
     batch with the student in DDP; the metrics (and so every decision: skip, guards, stop) are those of
     the global batch on every process, and only rank 0 writes ``metrics.jsonl`` and checkpoints."""
     c = run.config
-    ctx = distributed.setup()
-    main_process = ctx.rank == 0
     device = next(run.model.parameters()).device  # where build_run put the model
+    ctx = distributed.setup(device.type)
+    main_process = ctx.rank == 0
     end = c.schedule.total_steps if max_steps is None else max_steps
-    n_global = c.sampler.n_global
-    parts = {"backbone": run.model.student.backbone, "dino_head": run.model.student.dino_head}
-    if run.model.student.ibot_head is not None:
-        parts["ibot_head"] = run.model.student.ibot_head
     metrics_file = run.out / "metrics.jsonl"
     run.out.mkdir(parents=True, exist_ok=True)
     log_k = math.log(c.model.dino_head.n_prototypes)
@@ -210,12 +341,10 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
     draws = 0
     run.model.train()
     student = _data_parallel(run.model.student, ctx, device)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.train.precision == "bf16")
     batches = _batches(run, end, ctx, device)
     tick = time.perf_counter()
     for batch in batches:
         step = run.step
-        values = values_at(c.schedule, step, c.train.batch_size)
         # What every process must agree on: the global image count, an empty share, iBOT masks anywhere.
         local_masks = batch["n_images"] > 0 and bool(batch["masks"].any())
         shares = distributed.gather_objects((batch["n_images"], local_masks, batch["skipped"]))
@@ -227,41 +356,13 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
             if run.step == end and main_process:
                 save(run, last_metrics)
             continue
-        n_images = sum(n for n, _, _ in shares)
-        share = batch["n_images"] / n_images  # this process's fraction of the global batch
-        apply_schedule(run.optimizer, values)
-        images = {k: batch[k].to(device, non_blocking=True) for k in ("global", "local", "masks")}
-        masks = images["masks"] if any(m for _, m, _ in shares) else None
-        with autocast:
-            out = student(images["global"], images["local"], masks, mask_inputs=True)
-            teacher = run.model.forward_teacher(images["global"], masks)
-        local = run.loss.share_terms(out, teacher, n_global, values.teacher_temp, masks, reduce=distributed.reduce)
-        whole = _whole_batch_terms(run.loss, out, batch, n_global, [n for n, _, _ in shares])
-        # dino, ibot and the entropies are means over this share: weighted by it, they sum to the whole
-        # batch's; koleo and dbt were computed on the whole batch's gathered embeddings.
-        stop_flag = float(bool(should_stop and should_stop()))
-        shared = torch.stack([local["dino"].detach().float() * share, local["ibot"].detach().float() * share,
-                              local["teacher_entropy"].float() * share,
-                              local["teacher_marginal_entropy"].float() * share,
-                              torch.tensor(stop_flag, device=device)])
-        shared = distributed.reduce(shared, "sum").tolist()
-        scalars = {"dino": shared[0], "ibot": shared[1], "teacher_entropy": shared[2],
-                   "teacher_marginal_entropy": shared[3], "koleo": float(whole["koleo"].detach()),
-                   "dbt": float(whole["dbt"].detach())}
-        w = c.loss
-        scalars["total"] = (w.dino_weight * scalars["dino"] + w.ibot_weight * scalars["ibot"]
-                            + w.koleo_weight * scalars["koleo"] + w.dbt_weight * scalars["dbt"])
-        if not math.isfinite(scalars["total"]):  # checked before the update: the weights stay good
-            raise TrainingStopped(f"the loss became {scalars['total']} at step {step + 1}; {_kept(run)}")
-        # DDP averages the processes' gradients: the share-weighted terms times W average to the whole
-        # batch's mean; the gathered terms are the same on every process (see distributed.gather_rows).
-        objective = (ctx.world_size * share * (w.dino_weight * local["dino"] + w.ibot_weight * local["ibot"])
-                     + w.koleo_weight * whole["koleo"] + w.dbt_weight * whole["dbt"])
-        run.optimizer.zero_grad(set_to_none=True)
-        objective.backward()
-        norms = clip_gradients(parts, c.schedule.clip_grad)
-        run.optimizer.step()
-        run.model.update_teacher(values.momentum)
+        sizes = [n for n, _, _ in shares]
+        try:
+            result = train_step(run.model, run.loss, run.optimizer, c, batch, step, student=student, sizes=sizes,
+                                masked=any(m for _, m, _ in shares), stop=bool(should_stop and should_stop()))
+        except NonFiniteLoss as exc:
+            raise TrainingStopped(f"{exc} at step {step + 1}; {_kept(run)}") from None
+        scalars, values = result.scalars, result.values
         run.step += 1
         collapsed = scalars["teacher_marginal_entropy"] < guard.entropy_floor * log_k
         low_entropy = low_entropy + 1 if collapsed else 0
@@ -276,15 +377,14 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
                    "lr": values.lr, "weight_decay": values.weight_decay, "momentum": values.momentum,
                    "teacher_temp": values.teacher_temp, "teacher_entropy": scalars["teacher_entropy"],
                    "teacher_marginal_entropy": scalars["teacher_marginal_entropy"],
-                   "grad_norm": norms.get("backbone", 0.0), "images_per_s": n_images / (now - tick),
+                   "grad_norm": result.grad_norm, "images_per_s": sum(sizes) / (now - tick),
                    "skipped": draws, "skipped_images": len(skipped)}
         tick = now
         last_metrics = metrics
         if main_process and (run.step % c.train.log_every == 0 or run.step == 1 or run.step == end):
             with open(metrics_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics) + "\n")
-        stopping = shared[4] > 0  # any process asked: all stop after this same step
-        if run.step % c.train.checkpoint_every == 0 or run.step == end or stopping:
+        if run.step % c.train.checkpoint_every == 0 or run.step == end or result.stop:
             replicas = distributed.gather_objects(replica_digest(run))
             if len(set(replicas)) > 1:
                 raise TrainingStopped(f"the {ctx.world_size} processes' weights differ at step {run.step}; "
@@ -292,7 +392,7 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
             if main_process:
                 metrics["checkpoint"] = str(save(run, metrics, replicas))
         yield metrics
-        if stopping:
+        if result.stop:  # any process asked: all stop after this same step
             return
     if main_process and last_metrics is None and not run.checkpoints.joinpath("last.safetensors").exists():
         save(run, None)
@@ -348,12 +448,15 @@ def _whole_batch_terms(loss: MammoDINOLoss, student: dict[str, torch.Tensor], ba
 
 def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_steps: int | None = None,
              resume: bool = False, command: Sequence[str] | None = None, progress: bool = True,
-             guard: Guard = Guard()) -> dict[str, Any]:
+             guard: Guard = Guard(), device: str = "auto", init_weights: str | Path | None = None,
+             cache: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) a pretraining job to ``max_steps``; SIGTERM saves a checkpoint and ends it cleanly.
-    Returns a summary: steps done, last metrics, checkpoint, whether it was stopped by SIGTERM."""
+    ``device``: "auto" (CUDA when available), "cpu" or "cuda"; ``init_weights`` and ``cache``: see
+    :func:`build_run`. Returns a summary: steps done, last metrics, checkpoint, whether it was stopped
+    by SIGTERM."""
     from tqdm import tqdm
 
-    ctx = distributed.setup()  # under torchrun: join the process group (left again at the end)
+    ctx = distributed.setup(device)  # under torchrun: join the process group (left again at the end)
     terminated: list[bool] = []
     installed = _in_main_thread()  # a SIGTERM while the data opens still ends at a checkpoint
     previous = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True)) if installed else None
@@ -362,7 +465,8 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
         if config.train.batch_size < ctx.world_size:
             raise MammoInputError(f"train.batch_size {config.train.batch_size} is smaller than the "
                                   f"{ctx.world_size} processes: each needs at least one image a step")
-        run = build_run(config, data, out, resume, command, ctx.device)
+        run = build_run(config, data, out, resume, command, ctx.device, init_weights, cache,
+                        progress=progress and ctx.rank == 0)
         distributed.barrier()  # every process has checked --out before rank 0 writes into it
         end = config.schedule.total_steps if max_steps is None else max_steps
         if end < run.step:
@@ -381,7 +485,8 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
     if last.get("skipped") and ctx.rank == 0:
         print(f"mammodino pretrain: warning: {last['skipped_images']} images have no breast tissue; skipped "
               f"{last['skipped']} times", file=sys.stderr)
-    return {"out": str(Path(out)), "rank": ctx.rank, "world_size": ctx.world_size, "start_step": start,
+    return {"out": str(Path(out)), "rank": ctx.rank, "world_size": ctx.world_size, "device": str(ctx.device),
+            "init_weights": run.meta.get("init_weights"), "start_step": start,
             "step": run.step, "total_steps": config.schedule.total_steps,
             "terminated": bool(terminated), "checkpoint": str(run.checkpoints / "last.safetensors"),
             "metrics": {k: v for k, v in last.items() if k != "checkpoint"}, "data": run.dataset.describe()}
