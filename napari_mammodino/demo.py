@@ -1,6 +1,7 @@
 """Open napari on a real CBIS-DDSM exam in the hanging protocol, or render that view to a PNG.
 
-    python -m napari_mammodino.demo                 # a window
+    python -m napari_mammodino.demo                 # a window, with the Inference (demo encoder: press
+                                                    # Run) and Training jobs widgets docked
     python -m napari_mammodino.demo --headless      # out/hanging_protocol.png (needs a display: Xvfb)
 """
 
@@ -33,6 +34,13 @@ def show_exam(viewer, exam: str = "benign"):
     return viewer
 
 
+def dock_widgets(viewer):
+    """Dock Inference (the demo encoder on the selected view: one click on Run) and Training jobs."""
+    inference = viewer.window.add_plugin_dock_widget("napari-mammodino", "Inference")[1]
+    viewer.window.add_plugin_dock_widget("napari-mammodino", "Training jobs", tabify=True)
+    return inference
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--headless", nargs="?", const="out/hanging_protocol.png", metavar="PNG",
@@ -52,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         viewer.close()
         print(out)
         return 0
+    dock_widgets(viewer)
     napari.run()
     return 0
 

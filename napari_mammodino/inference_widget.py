@@ -19,6 +19,7 @@ module loads the encoder in a thread worker, places the maps and shows the predi
 
 from __future__ import annotations
 
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,8 +31,14 @@ from qtpy.QtCore import Qt, Signal
 from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QProgressBar,
                             QPushButton, QSlider, QSpinBox, QVBoxLayout, QWidget)
 
-from training.encoder import Encoder, load_encoder
-from training.errors import MammoInputError
+# torch._dynamo (imported through timm -> torchvision) loads triton, torch's GPU kernel compiler, when
+# it is installed. Loaded after napari has made its OpenGL context, triton's bundled LLVM clashes with
+# Mesa's llvmpipe (Xvfb, headless servers, VMs) and the process segfaults. The viewer never compiles
+# kernels (training runs in subprocesses), so unless something already loaded it, keep it out.
+sys.modules.setdefault("triton", None)
+
+from training.encoder import Encoder, load_encoder  # noqa: E402 (after the triton guard)
+from training.errors import MammoInputError  # noqa: E402
 from training.infer import (N_STEPS, InferenceCancelled, InferenceResult, LazyAttentionStack, SliceResults, Steps,
                             display_limits, export, inference_steps, patch_placement, run_steps)
 

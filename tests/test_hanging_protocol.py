@@ -69,3 +69,24 @@ def test_sample_data_contribution_opens_through_napari(make_napari_viewer):
     viewer.open_sample("napari-mammodino", "cbis_malignant")
     assert sorted(layer.name.split()[0] for layer in viewer.layers) == ["LCC", "LMLO", "RCC", "RMLO"]
     assert all(layer.metadata["mammodino"]["patient_id"].startswith("Mass-Test_P_00820") for layer in viewer.layers)
+
+
+def test_fresh_demo_window_docks_inference_and_jobs_widgets():
+    """The README's fresh start: napari opens on the exam, then the plugin's widgets are docked. In a
+    clean process, because importing torch's triton after napari's OpenGL context segfaulted under
+    Mesa (Xvfb): a crash here must fail this test, not the test run."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import napari\n"
+        "from napari_mammodino.demo import dock_widgets, show_exam\n"
+        "viewer = show_exam(napari.Viewer(show=True))\n"
+        "widget = dock_widgets(viewer)\n"
+        "print(type(widget).__name__)\n"
+        "viewer.close()\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("InferenceWidget")
