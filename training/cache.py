@@ -147,7 +147,7 @@ def downsample(frame: np.ndarray, factor: float) -> np.ndarray:
 def build_entry(task: dict[str, Any]) -> dict[str, Any]:
     """Decode, segment, downsample and write one image's entry (runs in a dask worker). ``task``:
     ``files`` (the image's files), ``folder``, ``key``, ``stamps``, ``settings``."""
-    from .data import frame_and_tissue
+    from .tissue import frame_and_tissue
     from .io import open_file, open_series
 
     files = task["files"]

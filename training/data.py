@@ -36,6 +36,7 @@ import torch
 
 from .errors import MammoInputError
 from .sampler import MultiCropSampler, NoTissueError, SamplerConfig, Sample
+from .tissue import frame_and_tissue
 
 if TYPE_CHECKING:
     from .cache import FrameCache
@@ -116,7 +117,7 @@ class PretrainDataset:
 
     def _frame(self, index: int, frame: int) -> tuple[np.ndarray, np.ndarray]:
         """MONOCHROME2 values and tissue mask of one frame: from the preprocessing cache when there is
-        one (memory-mapped), else decoded and segmented (:func:`frame_and_tissue`)."""
+        one (memory-mapped), else decoded and segmented (:func:`training.tissue.frame_and_tissue`)."""
         key = (index, frame)
         if key in self._recent:
             self._recent.move_to_end(key)
@@ -158,33 +159,6 @@ def open_data(source: str | Path) -> list[Any]:
     if not images:
         raise MammoInputError(f"{source}: no DICOM images to pretrain on")
     return images
-
-
-def frame_and_tissue(image: Any, frame: int) -> tuple[np.ndarray, np.ndarray]:
-    """Frame ``frame`` of ``image`` decoded, MONOCHROME1 inverted as :func:`training.sampler.sample_images`
-    does (the sampler wants tissue bright), and its tissue mask (:func:`training.tissue.tissue_of`, per
-    slice for DBT). What the sampler gets for a frame, with or without the preprocessing cache."""
-    from .tissue import tissue_of
-
-    values = image.frame(frame)
-    twin = _TwinFrame(image, frame, values)
-    mask = tissue_of(twin, index=frame if image.data.ndim == 3 else None).mask
-    if image.meta.photometric == "MONOCHROME1":
-        values = np.negative(values, dtype=np.float32)
-    return values, np.asarray(mask)
-
-
-class _TwinFrame:
-    """A MammoImage look-alike whose ``frame(i)`` returns the frame already decoded (no second decode)."""
-
-    def __init__(self, image: Any, index: int, values: np.ndarray):
-        self._image, self._index, self._values = image, index, values
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._image, name)
-
-    def frame(self, index: int = 0) -> np.ndarray:
-        return self._values if index == self._index else self._image.frame(index)
 
 
 class StepBatches(torch.utils.data.Sampler):

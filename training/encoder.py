@@ -312,30 +312,25 @@ def attention_rollout(maps: Sequence[Tensor]) -> Tensor:
 
 # --- frames from MammoImages -----------------------------------------------------------------------
 
+def slice_index(n_slices: int, frame: int | None) -> int:
+    """``frame`` of a volume of ``n_slices`` (negative counts from the end; None: the middle one)."""
+    frame = n_slices // 2 if frame is None else frame
+    if not -n_slices <= frame < n_slices:
+        raise MammoInputError(f"slice {frame} does not exist: the volume has {n_slices} slices")
+    return frame % n_slices
+
+
 def read_frame(image: Any, frame: int | None = None) -> tuple[np.ndarray, np.ndarray, int | None]:
     """Decoded MONOCHROME2 values, tissue mask and frame index of a MammoImage (FFDM: frame None; DBT:
     ``frame`` or the middle slice), decoding the frame once."""
-    import copy
-    import functools
+    from .tissue import frame_and_tissue
 
-    from .tissue import tissue_of
-
-    volume = image.data.ndim == 3
-    if volume:
-        n = image.data.shape[0]
-        frame = n // 2 if frame is None else frame
-        if not -n <= frame < n:
-            raise MammoInputError(f"slice {frame} does not exist: the volume has {n} slices")
-        frame %= n
-    elif frame not in (None, 0):
+    if image.data.ndim == 3:
+        frame = slice_index(image.data.shape[0], frame)
+        return (*frame_and_tissue(image, frame), frame)
+    if frame not in (None, 0):
         raise MammoInputError(f"frame {frame}: a 2D image has only frame 0")
-    twin = copy.copy(image)
-    twin.frame = functools.cache(image.frame)
-    tissue = tissue_of(twin, index=frame if volume else None).mask
-    values = twin.frame(frame if volume else 0)
-    if image.meta.photometric == "MONOCHROME1":
-        values = np.negative(values, dtype=np.float32)
-    return values, np.asarray(tissue), frame if volume else None
+    return (*frame_and_tissue(image, 0), None)
 
 
 # --- loading and saving ----------------------------------------------------------------------------

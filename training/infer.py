@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal
 
 import numpy as np
 
-from .encoder import Encoder, Output, Prepared, read_frame
+from .encoder import Encoder, Output, Prepared, read_frame, slice_index
 from .errors import MammoInputError
 from .progress import Steps, run_steps  # noqa: F401 (run_steps: the widget's and tests' entry)
 
@@ -215,11 +215,7 @@ def _read(image: Any, frame: int | None) -> tuple[np.ndarray, np.ndarray, int | 
 
     shape = tuple(getattr(image, "shape", ()))
     if len(shape) == 3:
-        n = shape[0]
-        frame = n // 2 if frame is None else frame
-        if not -n <= frame < n:
-            raise MammoInputError(f"slice {frame} does not exist: the volume has {n} slices")
-        frame %= n
+        frame = slice_index(shape[0], frame)
         values = np.asarray(image[frame])
     elif len(shape) == 2:
         if frame not in (None, 0):

@@ -58,7 +58,6 @@ with p 0.8, blur 1.0/0.1/0.5 with sigma 0.1-2.0 and a 9-tap kernel). Patch size 
 
 from __future__ import annotations
 
-import copy
 import functools
 import math
 from dataclasses import asdict, dataclass, field, fields
@@ -738,22 +737,11 @@ def sample_images(mammo_image: Any, seeds: Iterable[int], naive: bool = False,
     :func:`training.tissue.tissue_of`, decoding only the frames needed, each once. A DBT volume gives
     slice pairs drawn from each seed (``frame`` anchors them at one slice); MONOCHROME1 is inverted
     first so that tissue is bright."""
-    from .tissue import tissue_of
+    from .tissue import frame_and_tissue
 
     sampler = MultiCropSampler(config, tissue_aware=not naive)
     shape = tuple(mammo_image.data.shape)
-    inverted = mammo_image.meta.photometric == "MONOCHROME1"
-    # A shallow twin whose frame(i) decodes once: tissue_of and the sampler read the same array.
-    twin = copy.copy(mammo_image)
-    twin.frame = functools.cache(mammo_image.frame)
-
-    @functools.cache
-    def read(index: int) -> tuple[np.ndarray, np.ndarray]:
-        mask = tissue_of(twin, index=index if len(shape) == 3 else None).mask
-        values = twin.frame(index)
-        if inverted:
-            values = np.negative(values, dtype=np.float32)
-        return values, mask
+    read = functools.cache(lambda index: frame_and_tissue(mammo_image, index))  # each frame decoded once
 
     samples = []
     for seed in seeds:

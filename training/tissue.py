@@ -180,6 +180,29 @@ def tissue_of(image: "MammoImage", index: int | None = None, *, shared: bool = F
                           view=meta.view, chest_wall=side)
 
 
+
+def frame_and_tissue(image: "MammoImage", frame: int) -> tuple[np.ndarray, np.ndarray]:
+    """Frame ``frame`` of a MammoImage decoded once, MONOCHROME1 inverted (tissue bright, as the
+    sampler and the encoder want it), and its tissue mask (:func:`tissue_of`, per slice for DBT)."""
+    values = image.frame(frame)
+    mask = tissue_of(_DecodedFrame(image, frame, values), index=frame if image.data.ndim == 3 else None).mask
+    if image.meta.photometric == "MONOCHROME1":
+        values = np.negative(values, dtype=np.float32)
+    return values, np.asarray(mask)
+
+
+class _DecodedFrame:
+    """A MammoImage look-alike whose ``frame(i)`` returns the frame already decoded (no second decode)."""
+
+    def __init__(self, image: Any, index: int, values: np.ndarray):
+        self._image, self._index, self._values = image, index, values
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._image, name)
+
+    def frame(self, index: int = 0) -> np.ndarray:
+        return self._values if index == self._index else self._image.frame(index)
+
 # --- steps -----------------------------------------------------------------------------------------
 
 def block_mean(image: np.ndarray, factor: int) -> np.ndarray:
