@@ -1,6 +1,6 @@
 """The "Training jobs" widget: start a pretraining or fine-tuning job from a form, watch it (progress
-with ETA, live loss curves, status, log tail), cancel it, re-attach to it later, and hand its latest
-checkpoint to the Inference widget.
+with ETA, live loss curves, the learning curve of a monitored pretraining run, status, log tail),
+cancel it, re-attach to it later, and hand its latest checkpoint to the Inference widget.
 
 The widget is thin: :mod:`training.jobs` starts the job as a detached subprocess and reads its run
 folder. A QTimer polls the job about once a second; each poll reads only what metrics.jsonl and the
@@ -15,14 +15,16 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import matplotlib
 from matplotlib.backends.backend_qtagg import FigureCanvasQTAgg
 from matplotlib.figure import Figure
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGroupBox, QHBoxLayout, QLabel,
-                            QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QVBoxLayout, QWidget)
+                            QLineEdit, QPlainTextEdit, QProgressBar, QPushButton, QSpinBox, QTabWidget, QVBoxLayout,
+                            QWidget)
 
 from training.errors import MammoInputError
-from training.jobs import RUNNING, Job, cli_options, launch, loss_terms, option_values
+from training.jobs import RUNNING, Job, cli_options, eval_curves, launch, loss_terms, option_values
 
 if TYPE_CHECKING:
     import napari
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
 PRESETS = ("cpu-tiny", "vits14", "vitb14")
 DEVICES = ("auto", "cpu", "cuda")
 INFERENCE = ("napari-mammodino", "Inference")  # plugin and widget name of the inference widget
+# tab20's dark shades, then its light ones: a dozen measures, no two of one colour
+CURVE_COLOURS = [matplotlib.colormaps["tab20"](i) for i in (*range(0, 20, 2), *range(1, 20, 2))]
+NO_CURVE = ("no learning-curve points yet: pretrain with a monitor CSV (real views and/or a phantom\n"
+            "benchmark) and 'evaluate every' N steps; each point is the EMA teacher measured at that step")
 
 
 def absolute(path: str) -> str:
@@ -81,6 +87,8 @@ class JobsWidget(QWidget):
         self.viewer = napari_viewer
         self.job: Job | None = None
         self.lines: dict[str, Any] = {}  # loss term -> matplotlib Line2D of the plot
+        self.eval_lines: dict[str, Any] = {}  # learning-curve measure -> Line2D
+        self.chance_lines: dict[str, Any] = {}  # measure -> dashed Line2D of its chance level
         self._plotted = -1  # number of metrics rows drawn
         self._log = ""
 
@@ -112,12 +120,21 @@ class JobsWidget(QWidget):
         self.overrides = QLineEdit()
         self.overrides.setPlaceholderText("section.key=value … (optional)")
         self.resume = QCheckBox("resume the run in the output folder")
+        self.monitor_real = PathEdit(("csv",), "real views CSV: path, patient_id, laterality, view (optional)")
+        self.monitor_phantom = PathEdit(("csv",), "phantom benchmark labels.csv (optional)")
+        self.monitor_every = QSpinBox()
+        self.monitor_every.setRange(0, 10_000_000)
+        self.monitor_every.setSpecialValueText("off")
+        self.monitor_every.setSuffix(" steps")
         self.pretrain_box = QGroupBox("pretrain")
         form = QFormLayout(self.pretrain_box)
         form.addRow("config", preset_row)
         form.addRow("steps", self.steps)
         form.addRow("overrides", self.overrides)
         form.addRow("", self.resume)
+        form.addRow("curve: real", self.monitor_real)
+        form.addRow("curve: phantoms", self.monitor_phantom)
+        form.addRow("evaluate every", self.monitor_every)
 
         self.checkpoint = PathEdit(("checkpoint",), "pretrained encoder (.safetensors)")
         self.labels = PathEdit(("csv",), "labels CSV (path + target columns)")
@@ -156,8 +173,15 @@ class JobsWidget(QWidget):
         self.figure = Figure(figsize=(4, 2.6), tight_layout=True)
         self.axes = self.figure.add_subplot()
         self.canvas = FigureCanvasQTAgg(self.figure)
-        self._theme_plot()
         self.canvas.setMinimumHeight(180)
+        self.eval_figure = Figure(figsize=(4, 2.6), tight_layout=True)
+        self.eval_axes = self.eval_figure.add_subplot()
+        self.eval_canvas = FigureCanvasQTAgg(self.eval_figure)
+        self.eval_canvas.setMinimumHeight(180)
+        self._reset_plots()
+        self.plots = QTabWidget()
+        self.plots.addTab(self.canvas, "losses")
+        self.plots.addTab(self.eval_canvas, "learning curve")
         self.log = QPlainTextEdit()
         self.log.setReadOnly(True)
         self.log.setMaximumBlockCount(500)
@@ -170,7 +194,7 @@ class JobsWidget(QWidget):
         layout.addLayout(buttons)
         layout.addWidget(self.status)
         layout.addWidget(self.progress)
-        layout.addWidget(self.canvas, 1)
+        layout.addWidget(self.plots, 1)
         layout.addWidget(self.log)
 
         self.timer = QTimer(self)
@@ -224,10 +248,18 @@ class JobsWidget(QWidget):
                 raise MammoInputError(f"overrides: {exc}") from None
             if self.batch_size.value():
                 overrides.append(f"train.batch_size={self.batch_size.value()}")
+            curve = [field.text() for field in (self.monitor_real, self.monitor_phantom)]
+            if any(curve) != bool(self.monitor_every.value()):
+                raise MammoInputError("learning curve: give a real or phantom CSV and how often to evaluate "
+                                      "(evaluate every N steps), or neither")
+            if self.monitor_every.value():
+                overrides.append(f"monitor.every={self.monitor_every.value()}")
             config = self.preset.currentText().strip() or PRESETS[0]
             args = {"config": absolute(config) if config.endswith(".json") else config,
                     "data": absolute(self.data.text()),
-                    "max_steps": self.steps.value() or None, "set": overrides, "resume": self.resume.isChecked()}
+                    "max_steps": self.steps.value() or None, "set": overrides, "resume": self.resume.isChecked(),
+                    "monitor_real": absolute(curve[0]) if curve[0] else None,
+                    "monitor_phantom": absolute(curve[1]) if curve[1] else None}
         else:
             for field, what in ((self.checkpoint, "a pretrained checkpoint"), (self.labels, "a labels CSV")):
                 if not field.text():
@@ -290,12 +322,20 @@ class JobsWidget(QWidget):
 
         if job.kind == "pretrain":
             overrides = option_values(argv, "--set")
-            batch = [o.split("=", 1)[1] for o in overrides if o.startswith("train.batch_size=")]
+            own = ("train.batch_size=", "monitor.every=")  # the form's own fields
+
+            def setting(prefix: str) -> int:
+                found = [o.split("=", 1)[1] for o in overrides if o.startswith(prefix)]
+                return number(found[-1]) if found else 0
+
             self.preset.setCurrentText(last("--config", PRESETS[0]))
             self.data.setText(last("--data"))
             self.steps.setValue(number(last("--max-steps")))
-            self.batch_size.setValue(number(batch[-1]) if batch else 0)
-            self.overrides.setText(shlex.join(o for o in overrides if not o.startswith("train.batch_size=")))
+            self.batch_size.setValue(setting(own[0]))
+            self.monitor_every.setValue(setting(own[1]))
+            self.monitor_real.setText(last("--monitor-real"))
+            self.monitor_phantom.setText(last("--monitor-phantom"))
+            self.overrides.setText(shlex.join(o for o in overrides if not o.startswith(own)))
             self.resume.setChecked(job.latest_checkpoint() is not None)
         else:
             self.checkpoint.setText(last("--checkpoint"))
@@ -345,9 +385,7 @@ class JobsWidget(QWidget):
     def _watch(self, job: Job) -> None:
         self.job = job
         self._plotted, self._log = -1, ""
-        self.axes.clear()
-        self._theme_plot()
-        self.lines = {}
+        self._reset_plots()
         self.poll()
         if job.status() == RUNNING:
             self.timer.start()
@@ -401,9 +439,53 @@ class JobsWidget(QWidget):
         self.axes.relim()
         self.axes.autoscale_view()
         self.canvas.draw_idle()
+        self._plot_curve(rows)
 
-    def _theme_plot(self) -> None:
-        """The plot in the viewer's theme colours (a white figure glares in napari's dark theme)."""
+    def _plot_curve(self, rows: list[dict[str, Any]]) -> None:
+        """The learning curve: one line per measure against the step, its chance level dashed in its colour."""
+        curves = eval_curves(rows)
+        if not curves:
+            return
+        if self._hint is not None:
+            self._hint.remove()
+            self._hint = None
+        legend = False
+        for name, curve in curves.items():
+            if name not in self.eval_lines:
+                color = CURVE_COLOURS[len(self.eval_lines) % len(CURVE_COLOURS)]
+                (line,) = self.eval_axes.plot(curve["steps"], curve["values"], marker=".", linewidth=1.2, label=name,
+                                              color=color)
+                self.eval_lines[name] = line
+                self.chance_lines[name] = self.eval_axes.axhline(curve["chance"], linestyle="--", linewidth=0.8,
+                                                                 color=line.get_color(), alpha=0.7)
+                legend = True
+            else:
+                self.eval_lines[name].set_data(curve["steps"], curve["values"])
+                self.chance_lines[name].set_ydata([curve["chance"]] * 2)
+        if legend:
+            self.eval_axes.legend(loc="best", fontsize="xx-small", ncols=2, framealpha=0.6,
+                                  facecolor=self.eval_axes.get_facecolor(),
+                                  labelcolor=self.eval_axes.xaxis.label.get_color())
+        self.eval_axes.relim()
+        self.eval_axes.autoscale_view()
+        self.eval_canvas.draw_idle()
+
+    def _reset_plots(self) -> None:
+        """Empty loss and learning-curve plots, in the viewer's theme, the latter with a hint."""
+        self.axes.clear()
+        self.eval_axes.clear()
+        self.lines, self.eval_lines, self.chance_lines = {}, {}, {}
+        self.eval_axes.set_xlabel("step")
+        self.eval_axes.set_ylabel("score (dashed: chance)")
+        self._hint = self.eval_axes.text(0.5, 0.5, NO_CURVE, ha="center", va="center", fontsize="x-small",
+                                         transform=self.eval_axes.transAxes, wrap=True)
+        for figure, axes in ((self.figure, self.axes), (self.eval_figure, self.eval_axes)):
+            self._theme_plot(figure, axes)
+        self.canvas.draw_idle()
+        self.eval_canvas.draw_idle()
+
+    def _theme_plot(self, figure: Figure, axes: Any) -> None:
+        """A plot in the viewer's theme colours (a white figure glares in napari's dark theme)."""
         if self.viewer is None:
             return
         from napari.utils.theme import get_theme
@@ -413,12 +495,14 @@ class JobsWidget(QWidget):
         except (KeyError, ValueError):
             return
         back, text = theme.background.as_hex(), theme.text.as_hex()
-        self.figure.set_facecolor(back)
-        self.axes.set_facecolor(back)
-        self.axes.tick_params(colors=text)
-        self.axes.xaxis.label.set_color(text)
-        self.axes.yaxis.label.set_color(text)
-        for spine in self.axes.spines.values():
+        figure.set_facecolor(back)
+        axes.set_facecolor(back)
+        axes.tick_params(colors=text)
+        axes.xaxis.label.set_color(text)
+        axes.yaxis.label.set_color(text)
+        for child in axes.texts:
+            child.set_color(text)
+        for spine in axes.spines.values():
             spine.set_edgecolor(text)
 
     def _update_buttons(self, state: str | None) -> None:

@@ -53,3 +53,10 @@ def one_torch_thread():
     yield
     torch.set_num_threads(before)
 
+
+
+@pytest.fixture(autouse=True)
+def own_mammodino_cache(tmp_path_factory, monkeypatch):
+    """Pretraining builds a preprocessing cache in ``$MAMMODINO_CACHE`` (else ``~/.cache``) by default:
+    every test gets the session's own folder, so no test writes into the user's cache."""
+    monkeypatch.setenv("MAMMODINO_CACHE", str(tmp_path_factory.getbasetemp() / "mammodino_cache"))

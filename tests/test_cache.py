@@ -24,6 +24,12 @@ from training.errors import MammoInputError
 from training.io import open_image
 
 
+@pytest.fixture(autouse=True)
+def own_default_cache(tmp_path, monkeypatch):
+    """Runs without --cache build the default cache: here, never in the user's ~/.cache."""
+    monkeypatch.setenv("MAMMODINO_CACHE", str(tmp_path / "default_cache"))
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     """A folder with an FFDM view, a MONOCHROME1 view (copies: tests change them) and a multi-frame DBT
@@ -146,8 +152,11 @@ def test_pretrain_with_cache_builds_it_reads_it_and_never_decodes(data, tmp_path
     assert main(base + ["--max-steps", "4", "--resume"]) == 0
     assert decoded == []  # the resumed run reads the cache only
     assert read_metadata(run / "checkpoints" / "last.safetensors")["step"] == 4
+    decoded.clear()
+    assert main(base[:-2] + ["--max-steps", "5", "--resume"]) == 0  # no option: follows the run's --cache
+    assert decoded == [] and not (tmp_path / "default_cache").exists()
     capsys.readouterr()
-    assert main(base[:-2] + ["--max-steps", "6", "--resume"]) == 2  # without the cache: other batches
+    assert main(base[:-2] + ["--no-cache", "--max-steps", "6", "--resume"]) == 2  # decoding: other batches
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--cache" in err, err
 

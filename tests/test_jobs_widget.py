@@ -1,9 +1,11 @@
 """The "Training jobs" widget in a headless viewer: a tiny cpu-tiny job started from the form runs to
 the end while the progress bar and the loss curves follow metrics.jsonl; a job outlives its closed
 widget, is re-attached, hands its checkpoint to the Inference widget and is cancelled with a
-checkpoint."""
+checkpoint; a monitored run's learning curve is plotted with its chance levels."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from qtpy.QtWidgets import QWidget
@@ -151,3 +153,56 @@ def test_form_mistakes_give_one_line_and_start_nothing(make_napari_viewer, tmp_p
         == (str(labels), "density", "linear", 10, 8)
     assert widget.attach(tmp_path) is None and "holds no job" in widget.status.text()
     assert widget.job is None and not (tmp_path / "run").exists()
+
+
+def test_the_learning_curve_of_a_monitored_run_is_plotted_with_its_chance_levels_and_follows_new_lines(
+        make_napari_viewer, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "job.json").write_text(json.dumps({"kind": "pretrain", "pid": 2 ** 22 + 7, "total": 4, "args": [
+        "--config", "cpu-tiny", "--data", str(EXAM), "--set", "monitor.every=2", "--monitor-phantom", "bench.csv"],
+        "command": ["mammodino", "pretrain"]}))
+    (run / "job.exit").write_text(json.dumps({"returncode": 0, "cancelled": False}))
+
+    def evaluation(step: int, top1: float, auroc: float | None) -> dict:
+        return {"step": step, "kind": "eval", "eval_s": 2.0, "eval": {
+            "real_view_top1": top1, "real_view_top1_chance": 0.142, "real_view_mean_rank": 2.0,
+            "real_view_mean_rank_chance": 4.0, "attention_ratio_real": 1.1, "attention_ratio_real_chance": 1.0,
+            "phantom_lesion_patch_auroc": auroc, "phantom_lesion_patch_auroc_chance": 0.5, "real_images": 8}}
+
+    rows = [{"step": 1, "total": 9.0, "dino": 6.0}, {"step": 2, "total": 8.5, "dino": 5.8}, evaluation(2, 0.25, None)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    widget = JobsWidget(make_napari_viewer())
+    assert widget._hint is not None  # an empty learning curve says how to get one
+    widget.attach(run)
+    assert widget.plots.tabText(1) == "learning curve"
+    assert (widget.monitor_every.value(), widget.monitor_phantom.text()) == (2, "bench.csv")
+    assert "monitor.every" not in widget.overrides.text()
+    assert list(widget.lines["total"].get_xdata()) == [1, 2]  # the eval line is no loss point
+    assert set(widget.eval_lines) == {"real_view_top1", "attention_ratio_real", "phantom_lesion_patch_auroc"}
+    assert list(widget.eval_lines["real_view_top1"].get_xdata()) == [2]
+    assert list(widget.eval_lines["phantom_lesion_patch_auroc"].get_xdata()) == []  # undefined yet
+    chance = widget.chance_lines["real_view_top1"]
+    assert list(chance.get_ydata()) == [0.142, 0.142] and chance.get_linestyle() == "--"
+    assert chance.get_color() == widget.eval_lines["real_view_top1"].get_color()
+    assert widget._hint is None
+    with open(run / "metrics.jsonl", "a") as f:  # the run goes on: the next poll draws the new points
+        for row in ({"step": 3, "total": 8.0, "dino": 5.5}, {"step": 4, "total": 7.9, "dino": 5.4},
+                    evaluation(4, 0.5, 0.7)):
+            f.write(json.dumps(row) + "\n")
+    widget.poll()
+    assert list(widget.eval_lines["real_view_top1"].get_ydata()) == [0.25, 0.5]
+    assert list(widget.eval_lines["phantom_lesion_patch_auroc"].get_xdata()) == [4]
+    assert list(widget.lines["total"].get_xdata()) == [1, 2, 3, 4]
+
+
+def test_the_form_passes_the_learning_curve_options_and_refuses_half_of_them(make_napari_viewer, tmp_path):
+    widget = JobsWidget(make_napari_viewer())
+    widget.output.setText(str(tmp_path / "run"))
+    widget.data.setText(str(EXAM))
+    widget.monitor_phantom.setText(str(tmp_path / "bench.csv"))
+    assert widget.start() is None and "how often to evaluate" in widget.status.text()
+    widget.monitor_every.setValue(50)
+    _, args, _ = widget.arguments()
+    assert args["set"][-1] == "monitor.every=50" and args["monitor_phantom"] == str(tmp_path / "bench.csv")
+    assert args["monitor_real"] is None and {"--monitor-real", "--monitor-phantom"} <= cli_options("pretrain")

@@ -1,6 +1,11 @@
 """Preprocessing cache for pretraining: each image decoded, segmented and downsampled once, then
 memory-mapped by every epoch (and every DataLoader worker) instead of decoding DICOM again.
 
+Where: ``mammodino pretrain`` builds and reads one automatically, in :func:`default_cache_dir`
+(``$MAMMODINO_CACHE/frames``, else ``~/.cache/mammodino/frames``), unless given ``--cache DIR`` (a
+folder of its own) or ``--no-cache`` (decode every draw). ``mammodino cache`` builds one ahead of time,
+in parallel or on a cluster.
+
 Layout of a cache folder ``DIR``:
 
 * ``DIR/<key>.values.npy``: the image's MONOCHROME2 values (tissue bright, MONOCHROME1 inverted as the
@@ -12,15 +17,30 @@ Layout of a cache folder ``DIR``:
 * ``DIR/<key>.tissue.npy``: the tissue mask (bool, same shape): :func:`training.tissue.tissue_of` of the
   full-resolution frame (per slice for DBT), downsampled like the values (0/1 means) and kept where
   at least half tissue.
-* ``DIR/<key>.json``: the entry: source path, files with size and modification time (``files``), kind,
-  frames, source and cached shapes and spacings, photometric, scale, settings. Written last, after
-  the arrays, so an interrupted build leaves no entry that looks finished.
-* ``DIR/index.json``: settings and every entry, rewritten at the end of each build; what readers load.
+* ``DIR/<key>.json``: the entry, authoritative: source path, files with size, modification time and
+  SHA-256 (``files``), kind, frames, source and cached shapes and spacings, photometric, scale,
+  settings, preprocessing version. Written last, after the arrays, so an interrupted build leaves no
+  entry that looks finished. An image that could not be decoded gets an entry with an ``error`` (no
+  arrays): readers skip it, and every build tries it again.
+* ``DIR/index.json``: the folder's settings and every entry, merged under a lock (``DIR/.lock``) at the
+  end of each build: what readers load first (one file instead of one per image).
 
-``key`` is a hash of the image's file list (one file, or a DBT series' slice files), so two images
-of one folder never share an entry. An entry is reused when its files' sizes and modification times,
-the settings and the format version still match; otherwise it is rebuilt. The arrays are written with
-``np.lib.format.open_memmap`` under a temporary name and renamed into place (atomic).
+Keys and freshness. ``key`` is a hash of the image's file list (one file, or a DBT series' slice
+files), the settings and :func:`preprocessing` (the format and the tissue segmentation's parameters):
+two images never share an entry, and a change of settings or of the algorithm's version reads other
+entries (the old ones stay on disk until the folder is deleted). An entry is current while its files'
+sizes and modification times are those it recorded. When they change, the build hashes the files
+again: the same SHA-256 (a copy, a ``touch``, an rsync without ``-t``) keeps the arrays, another
+rebuilds them. The digests are memoised in the entry by (path, size, mtime_ns), so an unchanged
+dataset is never re-hashed. Whole files are hashed, not their first and last megabytes: pixel edits
+that keep a DICOM's size (burned-in annotations removed, pixels re-anonymised) sit in the middle of
+the file, and the hash reads the bytes the build decodes anyway, in the same worker.
+
+Concurrency. Arrays and entries are written under temporary names unique to the process and renamed
+into place (atomic), the index is merged under an exclusive ``flock``, and readers fall back to the
+per-entry JSON when the index lacks an entry: two runs building one cache at once (two jobs started
+on the default cache) only duplicate work. Where ``flock`` is missing (Windows, some network file
+systems) the index may miss the other build's entries; readers still find them.
 
 Resolution (:class:`CacheSettings`): the long side is brought down to ``long_side`` pixels (default
 1024) and/or the pixel spacing up to ``spacing_mm``, whichever is coarser; never upsampled. Integer
@@ -38,7 +58,9 @@ Parallel build with dask (:func:`build_cache`): one task per image (a DBT volume
 so that they share one intensity scale) over local processes by default
 (``dask.bag`` on the ``processes`` scheduler), or on a ``dask.distributed`` cluster given its scheduler
 address (``tcp://host:8786``; ``distributed`` is then imported, and must be installed, and every
-worker must see the data and the cache folder at the same paths).
+worker must see the data and the cache folder at the same paths). An image that cannot be decoded
+or segmented is skipped with one line on stderr and counted (``unreadable`` in the report); a long
+build never stops for one damaged file.
 """
 
 from __future__ import annotations
@@ -47,18 +69,22 @@ import hashlib
 import json
 import math
 import os
+import secrets
 import sys
 import time
+from collections import OrderedDict
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
 from .config import from_dict, to_dict
 from .errors import MammoInputError
 
-VERSION = 1
+OPEN_MAPS = 128  # memory maps a reader keeps open (two file descriptors each)
+FORMAT = 2  # bump when what an entry holds changes: the layout, downsample(), or tissue.py's algorithm
 INDEX = "index.json"
 U16 = 65535
 
@@ -94,6 +120,27 @@ class CacheSettings:
         return factor
 
 
+def preprocessing() -> dict[str, Any]:
+    """What else decides an entry's arrays: the format version and the tissue segmentation's parameters
+    (the upper-case constants of :mod:`training.tissue`), so retuning the segmentation invalidates
+    without anyone remembering to bump :data:`FORMAT` (a change of its code still needs the bump)."""
+    from . import tissue
+
+    parameters = {name: value for name, value in sorted(vars(tissue).items())
+                  if name.isupper() and isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {"format": FORMAT, "tissue": parameters}
+
+
+def default_cache_dir() -> Path:
+    """Where pretraining keeps its automatic cache: ``$MAMMODINO_CACHE/frames``, else
+    ``$XDG_CACHE_HOME/mammodino/frames`` (``~/.cache/...``), next to the feature cache
+    (:func:`training.features.default_cache_dir`, whose rule this follows)."""
+    from .features import default_cache_dir as features_dir
+
+    base = features_dir()  # $MAMMODINO_CACHE itself, or .../mammodino/features
+    return (base if os.environ.get("MAMMODINO_CACHE") else base.parent) / "frames"
+
+
 # --- files and keys --------------------------------------------------------------------------------
 
 def source_files(image: Any) -> list[str]:
@@ -102,7 +149,7 @@ def source_files(image: Any) -> list[str]:
 
 
 def file_stamps(files: Sequence[str]) -> list[list[Any]]:
-    """``[path, size, mtime_ns]`` of each file: what says that a source changed."""
+    """``[path, size, mtime_ns]`` of each file: what says that a source may have changed."""
     stamps = []
     for path in files:
         try:
@@ -113,14 +160,32 @@ def file_stamps(files: Sequence[str]) -> list[list[Any]]:
     return stamps
 
 
-def entry_key(files: Sequence[str]) -> str:
-    return hashlib.sha1("\n".join(files).encode()).hexdigest()[:20]
+def file_digest(path: str) -> str:
+    """SHA-256 of a whole file (see the module notes for why not just its ends)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
-def _fresh(entry: dict[str, Any] | None, stamps: list[list[Any]], settings: CacheSettings, folder: Path) -> bool:
-    return (entry is not None and entry.get("version") == VERSION and entry.get("files") == stamps
-            and entry.get("settings") == settings.to_dict()
-            and (folder / entry["values"]).is_file() and (folder / entry["tissue"]).is_file())
+def entry_key(files: Sequence[str], settings: CacheSettings) -> str:
+    what = json.dumps({"files": list(files), "settings": settings.to_dict(), "preprocessing": preprocessing()},
+                      sort_keys=True)
+    return hashlib.sha1(what.encode()).hexdigest()[:20]
+
+
+def _current(entry: Any, stamps: list[list[Any]], settings: CacheSettings, folder: Path,
+             errors: bool = False) -> bool:
+    """Whether ``entry`` describes the files as they are now (sizes and modification times), with these
+    settings and this preprocessing; an entry of an unreadable image counts only with ``errors``."""
+    if not isinstance(entry, dict) or entry.get("preprocessing") != preprocessing():
+        return False
+    if entry.get("settings") != settings.to_dict() or [f[:3] for f in entry.get("files", [])] != stamps:
+        return False
+    if "error" in entry:
+        return errors
+    return (folder / entry["values"]).is_file() and (folder / entry["tissue"]).is_file()
 
 
 # --- one entry -------------------------------------------------------------------------------------
@@ -145,14 +210,39 @@ def downsample(frame: np.ndarray, factor: float) -> np.ndarray:
 
 
 def build_entry(task: dict[str, Any]) -> dict[str, Any]:
-    """Decode, segment, downsample and write one image's entry (runs in a dask worker). ``task``:
-    ``files`` (the image's files), ``folder``, ``key``, ``stamps``, ``settings``."""
-    from .tissue import frame_and_tissue
-    from .io import open_file, open_series
-
-    files = task["files"]
+    """Hash, decode, segment, downsample and write one image's entry (runs in a dask worker). ``task``:
+    ``files`` (the image's files), ``source``, ``folder``, ``key``, ``stamps``, ``settings`` and
+    ``previous`` (the entry these files had, or None). Files whose SHA-256 did not change keep the
+    previous arrays. An image that fails (any error of a decoder or of the segmentation: one damaged
+    file must not stop a build of thousands) gets an entry with ``error`` and no arrays. Returns the
+    entry, with ``"kept": True`` (not written) when the previous arrays were kept."""
     folder = Path(task["folder"])
     settings = CacheSettings.from_dict(task["settings"])
+    base = {"key": task["key"], "source": task["source"], "settings": settings.to_dict(),
+            "preprocessing": preprocessing()}
+    try:
+        files = [[*stamp, file_digest(stamp[0])] for stamp in task["stamps"]]
+        previous = task.get("previous")
+        if (isinstance(previous, dict) and "error" not in previous and previous.get("files")
+                and previous.get("preprocessing") == base["preprocessing"]
+                and [f[3:] for f in previous["files"]] == [f[3:] for f in files]
+                and (folder / previous["values"]).is_file() and (folder / previous["tissue"]).is_file()):
+            entry = {**previous, "files": files}  # same bytes: only the stamps moved
+            _write_json(folder / f"{task['key']}.json", entry)
+            return {**entry, "kept": True}
+        entry = {**base, "files": files, **_write_arrays(task["files"], folder, task["key"], settings)}
+    except Exception as exc:  # noqa: BLE001 - reported and counted, see the docstring
+        reason = str(exc) if isinstance(exc, (MammoInputError, OSError)) else f"{type(exc).__name__}: {exc}"
+        entry = {**base, "files": [[*stamp, None] for stamp in task["stamps"]], "error": _short(reason, task["source"])}
+    _write_json(folder / f"{task['key']}.json", entry)
+    return entry
+
+
+def _write_arrays(files: list[str], folder: Path, key: str, settings: CacheSettings) -> dict[str, Any]:
+    """The values and tissue arrays of one image, written atomically; returns what the entry says of them."""
+    from .io import open_file, open_series
+    from .tissue import frame_and_tissue
+
     image = open_file(files[0]) if len(files) == 1 else open_series([Path(f) for f in files])
     volume = image.data.ndim == 3
     n_frames = image.data.shape[0] if volume else 1
@@ -169,11 +259,10 @@ def build_entry(task: dict[str, Any]) -> dict[str, Any]:
         hi = lo + 1.0
     shape = values[0].shape
     stored = (n_frames, *shape) if volume else shape
-    key = task["key"]
     names = {"values": f"{key}.values.npy", "tissue": f"{key}.tissue.npy"}
     for name, dtype, arrays in (("values", np.uint16, values), ("tissue", np.bool_, masks)):
         final = folder / names[name]
-        temporary = folder / f".{final.name}.{os.getpid()}.tmp"
+        temporary = _temporary(final)
         out = np.lib.format.open_memmap(temporary, mode="w+", dtype=dtype, shape=stored)
         for index, array in enumerate(arrays):
             if name == "values":
@@ -187,20 +276,28 @@ def build_entry(task: dict[str, Any]) -> dict[str, Any]:
     cached_spacing = None
     if spacing:
         cached_spacing = [round(float(s) * u / c, 9) for s, u, c in zip(spacing[-2:], used, shape)]
-    entry = {
-        "version": VERSION, "key": key, "source": image.meta.path, "files": task["stamps"],
-        "kind": "dbt" if volume else "ffdm", "frames": n_frames, "photometric": image.meta.photometric,
-        "source_shape": list(source_shape), "shape": list(shape), "factor": factor,
-        "source_spacing_mm": [float(s) for s in spacing[-2:]] if spacing else None,
+    return {
+        "source": image.meta.path, "kind": "dbt" if volume else "ffdm", "frames": n_frames,
+        "photometric": image.meta.photometric, "source_shape": list(source_shape), "shape": list(shape),
+        "factor": factor, "source_spacing_mm": [float(s) for s in spacing[-2:]] if spacing else None,
         "spacing_mm": cached_spacing, "scale": [lo, hi],
-        "tissue_fraction": [float(m.mean()) for m in masks], "settings": settings.to_dict(), **names,
+        "tissue_fraction": [float(m.mean()) for m in masks], **names,
     }
-    _write_json(folder / f"{key}.json", entry)
-    return entry
+
+
+def _short(reason: str, source: str) -> str:
+    """One line, without the path the skip line names already."""
+    reason = " ".join(reason.split())
+    return reason[len(source) + 2:] if reason.startswith(f"{source}: ") else reason
+
+
+def _temporary(path: Path) -> Path:
+    """A temporary name next to ``path``, unique to this process (and host: a cluster shares folders)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
 
 
 def _write_json(path: Path, value: Any) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary = _temporary(path)
     temporary.write_text(json.dumps(value), encoding="utf-8")
     os.replace(temporary, path)
 
@@ -210,6 +307,28 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
+
+
+@contextmanager
+def _locked(folder: Path) -> Iterator[None]:
+    """An exclusive lock on ``folder/.lock`` while the index is re-read, merged and rewritten, so two
+    builds finishing together never drop each other's entries. Without ``flock`` (Windows, some
+    network file systems) it runs unlocked: readers then find entries through their JSON files."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(folder / ".lock", "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError:
+            handle = None
+        try:
+            yield
+        finally:
+            if handle is not None:
+                fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 # --- the whole cache -------------------------------------------------------------------------------
@@ -226,46 +345,71 @@ def cache_settings(folder: str | Path, settings: CacheSettings | None = None) ->
 
 
 def build_cache(images: Sequence[Any] | str | Path, folder: str | Path, settings: CacheSettings | None = None,
-                workers: int | None = None, scheduler: str | None = None, progress: bool = False) -> dict[str, Any]:
+                workers: int | None = None, scheduler: str | None = None, progress: bool = False,
+                fixed_settings: bool = True) -> dict[str, Any]:
     """Build or update the cache in ``folder`` for ``images`` (:class:`training.io.MammoImage` objects,
     or a ``--data`` folder/CSV): entries whose files changed (or that are missing) are rebuilt in
     parallel, the others reused. ``workers``: local processes (default: one per CPU; 1 builds in this
-    process); ``scheduler``: a ``dask.distributed`` scheduler address instead. Returns a report."""
-    from .data import open_data
+    process); ``scheduler``: a ``dask.distributed`` scheduler address instead. ``fixed_settings``: the
+    folder keeps the settings it was first built with (other ones are an error: a folder the user
+    named); False lets entries of several settings live side by side (the default folder, which a new
+    version with other defaults must not refuse). Returns a report; ``unreadable`` counts the images
+    skipped (one line each on stderr)."""
+    from .data import open_data_skipping
 
     start = time.perf_counter()
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise MammoInputError(f"cache {folder} is a file, not a folder")
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = cache_settings(folder, settings)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MammoInputError(f"cache {folder}: cannot create the folder ({exc.strerror}); "
+                              f"choose another with --cache or set MAMMODINO_CACHE") from None
+    settings = cache_settings(folder, settings) if fixed_settings else settings or CacheSettings()
+    unopened: list[tuple[str, str]] = []
     if isinstance(images, (str, Path)):
-        images = open_data(images)
+        images, unopened = open_data_skipping(images)
     index = _read_json(folder / INDEX)
     entries: dict[str, Any] = dict(index.get("entries", {})) if isinstance(index, dict) else {}
     tasks: dict[str, dict[str, Any]] = {}
     keys = []
     for image in images:
         files = source_files(image)
-        key = entry_key(files)
+        key = entry_key(files, settings)
         keys.append(key)
         stamps = file_stamps(files)
-        if key in tasks or _fresh(entries.get(key), stamps, settings, folder):
+        if key in tasks or _current(entries.get(key), stamps, settings, folder):
             continue
-        entry = _read_json(folder / f"{key}.json")  # an interrupted build's entry, not yet in the index
-        if _fresh(entry, stamps, settings, folder):
+        entry = _read_json(folder / f"{key}.json")  # another build's entry, not yet in this index
+        if _current(entry, stamps, settings, folder):
             entries[key] = entry
         else:
-            tasks[key] = {"files": files, "folder": str(folder), "key": key, "stamps": stamps,
-                          "settings": settings.to_dict()}
-    for entry in _run(list(tasks.values()), workers, scheduler, progress):
-        entries[entry["key"]] = entry
-    _write_json(folder / INDEX, {"version": VERSION, "settings": settings.to_dict(), "entries": entries})
+            tasks[key] = {"files": files, "source": image.meta.path, "folder": str(folder), "key": key,
+                          "stamps": stamps, "settings": settings.to_dict(),
+                          "previous": entry if isinstance(entry, dict) else entries.get(key)}
+    built = {entry["key"]: entry for entry in _run(list(tasks.values()), workers, scheduler, progress)}
+    kept = sum(bool(entry.pop("kept", False)) for entry in built.values())  # touched or copied, same bytes
+    entries.update(built)
+    failed = [entry for entry in built.values() if "error" in entry]
+    for entry in failed:
+        print(f"mammodino: skipped {entry['source']}: {entry['error']}", file=sys.stderr)
     used = [entries[k] for k in dict.fromkeys(keys)]
-    size = sum((folder / e[name]).stat().st_size for e in used for name in ("values", "tissue"))
-    return {"cache": str(folder), "settings": settings.to_dict(), "images": len(used), "built": len(tasks),
-            "reused": len(used) - len(tasks), "frames": sum(e["frames"] for e in used),
-            "bytes": size, "seconds": round(time.perf_counter() - start, 2)}
+    if used and len(failed) == len(used):
+        raise MammoInputError(f"cache: none of the {len(used)} images could be read, e.g. "
+                              f"{failed[0]['source']}: {failed[0]['error']}")
+    with _locked(folder):  # merged with what another build wrote meanwhile
+        index = _read_json(folder / INDEX)
+        merged = dict(index.get("entries", {})) if isinstance(index, dict) else {}
+        merged = {k: e for k, e in merged.items() if e.get("preprocessing") == preprocessing()}  # unreadable now
+        merged.update({key: entries[key] for key in dict.fromkeys(keys)})
+        _write_json(folder / INDEX, {"format": FORMAT, "settings": settings.to_dict(), "entries": merged})
+    good = [e for e in used if "error" not in e]
+    size = sum((folder / e[name]).stat().st_size for e in good for name in ("values", "tissue"))
+    written = len(tasks) - len(failed) - kept
+    return {"cache": str(folder), "settings": settings.to_dict(), "images": len(good), "built": written,
+            "reused": len(good) - written, "rehashed": kept, "unreadable": len(failed) + len(unopened),
+            "frames": sum(e["frames"] for e in good), "bytes": size, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _run(tasks: list[dict[str, Any]], workers: int | None, scheduler: str | None, progress: bool) -> list[dict]:
@@ -306,34 +450,56 @@ def _run(tasks: list[dict[str, Any]], workers: int | None, scheduler: str | None
 
 class FrameCache:
     """A built cache, read through memory maps (cheap to pickle into DataLoader workers: it holds the
-    index only, and each worker maps the files it reads)."""
+    index only, and each worker maps the files it reads). ``settings``: which entries to read (default:
+    the folder's); ``automatic``: whether this is the default folder pretraining chose by itself
+    (recorded, so that ``--resume`` reads the same way)."""
 
-    def __init__(self, folder: str | Path):
+    def __init__(self, folder: str | Path, settings: CacheSettings | None = None, automatic: bool = False):
         self.folder = Path(folder)
+        self.automatic = automatic
         index = _read_json(self.folder / INDEX)
-        if not isinstance(index, dict) or index.get("version") != VERSION:
-            raise MammoInputError(f"cache {self.folder}: no cache index (build it with mammodino cache)")
-        self.settings = CacheSettings.from_dict(index["settings"])
-        self.entries: dict[str, dict[str, Any]] = index["entries"]
+        if not isinstance(index, dict) or index.get("format") != FORMAT:
+            if settings is None:
+                raise MammoInputError(f"cache {self.folder}: no cache index (build it with mammodino cache)")
+            index = {}
+        self.settings = settings or CacheSettings.from_dict(index["settings"])
+        self.entries: dict[str, dict[str, Any]] = index.get("entries", {})
+        self._maps: OrderedDict[str, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_maps": OrderedDict()}  # each process maps the files itself
 
     def describe(self) -> dict[str, Any]:
-        """What a checkpoint records about the cache."""
-        return {"folder": str(self.folder.resolve()), "settings": self.settings.to_dict(), "version": VERSION}
+        """What a checkpoint records about the cache (what a resumed run must read the same way)."""
+        return {"folder": str(self.folder.resolve()), "settings": self.settings.to_dict(),
+                "preprocessing": preprocessing(), "automatic": self.automatic}
 
     def entry(self, image: Any) -> dict[str, Any]:
-        """The up-to-date entry of ``image`` (a :class:`training.io.MammoImage`); a missing or stale one
-        is an error that says how to rebuild."""
+        """The current entry of ``image`` (a :class:`training.io.MammoImage`), from the index or its own
+        JSON file; it holds ``error`` when the image could not be read. A missing or stale entry is an
+        error that says how to rebuild."""
         files = source_files(image)
-        entry = self.entries.get(entry_key(files))
-        if not _fresh(entry, file_stamps(files), self.settings, self.folder):
-            raise MammoInputError(f"cache {self.folder}: {image.meta.path} is missing or changed since the cache "
-                                  f"was built; update it (mammodino cache, or pretrain --cache)")
-        return entry
+        key = entry_key(files, self.settings)
+        stamps = file_stamps(files)
+        for entry in (self.entries.get(key), _read_json(self.folder / f"{key}.json")):
+            if _current(entry, stamps, self.settings, self.folder, errors=True):
+                return entry
+        raise MammoInputError(f"cache {self.folder}: {image.meta.path} is missing or changed since the cache "
+                              f"was built; update it (mammodino cache, or pretrain --cache)")
 
     def frame(self, entry: dict[str, Any], frame: int) -> tuple[np.ndarray, np.ndarray]:
-        """Memory-mapped MONOCHROME2 values (uint16) and tissue mask (bool) of one frame."""
-        values = np.load(self.folder / entry["values"], mmap_mode="r")
-        tissue = np.load(self.folder / entry["tissue"], mmap_mode="r")
+        """Memory-mapped MONOCHROME2 values (uint16) and tissue mask (bool) of one frame. The maps of the
+        last :data:`OPEN_MAPS` images stay open: opening two ``.npy`` files cost a sixth of a cached
+        draw (each map holds a file descriptor, so not all of them)."""
+        key = entry["key"]
+        if key in self._maps:
+            self._maps.move_to_end(key)
+        else:
+            self._maps[key] = (np.load(self.folder / entry["values"], mmap_mode="r"),
+                               np.load(self.folder / entry["tissue"], mmap_mode="r"))
+            while len(self._maps) > OPEN_MAPS:
+                self._maps.popitem(last=False)
+        values, tissue = self._maps[key]
         if entry["kind"] == "dbt":
             return values[frame], tissue[frame]
         return values, tissue

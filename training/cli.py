@@ -177,7 +177,9 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     try:
         report = pretrain(config, args.data, args.out, args.max_steps, args.resume,
                           command=_pretrain_command(args), progress=not args.quiet, device=args.device,
-                          init_weights=args.init_weights, cache=args.cache)
+                          init_weights=args.init_weights, cache=False if args.no_cache else args.cache,
+                          monitor_real=args.monitor_real, monitor_phantom=args.monitor_phantom,
+                          init_from=args.init_from)
     except TrainingStopped as exc:
         print(f"mammodino pretrain: stopped: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -195,8 +197,11 @@ def _pretrain_command(args: argparse.Namespace) -> list[str]:
     command += [part for item in args.set or [] for part in ("--set", item)]
     command += ["--data", str(args.data), "--out", str(args.out)]
     command += ["--max-steps", str(args.max_steps)] if args.max_steps is not None else []
-    for flag, value in (("--init-weights", args.init_weights), ("--cache", args.cache), ("--device", args.device)):
+    for flag, value in (("--init-weights", args.init_weights), ("--from", args.init_from), ("--cache", args.cache),
+                        ("--device", args.device),
+                        ("--monitor-real", args.monitor_real), ("--monitor-phantom", args.monitor_phantom)):
         command += [flag, str(value)] if value is not None else []
+    command += ["--no-cache"] if args.no_cache else []
     return command + (["--resume"] if args.resume else [])
 
 
@@ -210,11 +215,50 @@ def args_pretrain(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     parser.add_argument("--init-weights", metavar="FILE",
                         help="start the backbone from a local DINOv2/RAD-DINO/timm .safetensors file (no download)")
-    parser.add_argument("--cache", metavar="DIR", help="preprocessing cache folder: built or updated first, then "
-                        "read instead of decoding DICOM each epoch (see mammodino cache)")
+    parser.add_argument("--from", dest="init_from", metavar="RUN_OR_CKPT",
+                        help="start student, teacher and centres from an earlier stage's checkpoint (same model; "
+                        "e.g. the high-resolution stage: --config cpu-small-hires --from runs/stage1)")
+    cache = parser.add_mutually_exclusive_group()
+    cache.add_argument("--cache", metavar="DIR", help="preprocessing cache folder: built or updated first, then "
+                       "read instead of decoding DICOM on every draw (default: $MAMMODINO_CACHE/frames or "
+                       "~/.cache/mammodino/frames; --resume follows the run)")
+    cache.add_argument("--no-cache", action="store_true", help="decode and segment every draw (no preprocessing cache)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
                         help="auto: CUDA when available (default)")
+    parser.add_argument("--monitor-real", metavar="CSV", help="learning curve: real views (path, patient_id, "
+                        "laterality, view), measured every monitor.every steps (--set monitor.every=N)")
+    parser.add_argument("--monitor-phantom", metavar="CSV", help="learning curve: a phantom benchmark labels.csv "
+                        "(mammodino phantom), measured every monitor.every steps")
     parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+
+def cmd_monitor(args: argparse.Namespace) -> dict[str, Any]:
+    from .learning_curve import evaluate
+
+    if args.real is None and args.phantom is None:
+        raise MammoInputError("name the data: --real CSV and/or --phantom CSV")
+    report = evaluate(args.checkpoint, args.real, args.phantom, resolution=args.resolution, k=args.k,
+                      max_images=args.max_images, device=None if args.device == "auto" else args.device)
+    if args.json:
+        return report
+    return {**report["eval"], "encoder": report["encoder"]["source"], "notes": "; ".join(report["notes"]) or "none",
+            "eval_s": report["eval_s"], "prepare_s": report["prepare_s"]}
+
+
+def args_monitor(parser: argparse.ArgumentParser) -> None:
+    from .learning_curve import DEFAULT_K, DEFAULT_MAX_IMAGES, DEFAULT_RESOLUTION
+
+    parser.add_argument("--checkpoint", help="encoder: a .safetensors checkpoint or run folder, random:PRESET "
+                        "(e.g. random:cpu-tiny, the untrained baseline), a DINOv2 file (default: the demo encoder)")
+    parser.add_argument("--real", metavar="CSV", help="real views: path, patient_id, laterality, view")
+    parser.add_argument("--phantom", metavar="CSV", help="a phantom benchmark labels.csv (mammodino phantom)")
+    parser.add_argument("--resolution", type=int, default=DEFAULT_RESOLUTION,
+                        help=f"long side in pixels (default {DEFAULT_RESOLUTION}, as monitor.resolution)")
+    parser.add_argument("--k", type=int, default=DEFAULT_K, help=f"view retrieval top-k (default {DEFAULT_K})")
+    parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
+                        help=f"at most this many images of each CSV, whole patients (default {DEFAULT_MAX_IMAGES})")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
 
 
@@ -389,6 +433,40 @@ def args_embed(parser: argparse.ArgumentParser) -> None:
     _encoder_arguments(parser)
 
 
+def cmd_corpus(args: argparse.Namespace) -> dict[str, Any]:
+    from .corpus import build_corpus
+    from .phantom.writer import parse_shape
+
+    shape = None if args.shape in ("full", "none") else parse_shape(args.shape)
+    return build_corpus(args.out, args.data_root, phantoms=args.phantoms, dbt_phantoms=args.dbt_phantoms,
+                        bench_phantoms=args.bench_phantoms, shape=shape, heldout_fraction=args.heldout_fraction,
+                        seed=args.seed, workers=args.workers, quiet=args.quiet)
+
+
+def args_corpus(parser: argparse.ArgumentParser) -> None:
+    from .corpus import DEFAULT_BENCH_PHANTOMS, DEFAULT_DBT_PHANTOMS, DEFAULT_FRACTION, DEFAULT_PHANTOMS, DEFAULT_SHAPE
+
+    parser.add_argument("--out", required=True, help="corpus folder: corpus/pretrain/heldout/bench/real.csv, "
+                        "corpus.json, corpus.log, phantoms/")
+    parser.add_argument("--data-root", help="folder of real collections (default: $MAMMODINO_DATA, else "
+                        "../shared/data beside the project)")
+    parser.add_argument("--phantoms", type=int, default=DEFAULT_PHANTOMS,
+                        help=f"four-view FFDM phantom exams for pretraining (default {DEFAULT_PHANTOMS})")
+    parser.add_argument("--dbt-phantoms", type=int, default=DEFAULT_DBT_PHANTOMS,
+                        help=f"DBT phantom volumes for pretraining (default {DEFAULT_DBT_PHANTOMS})")
+    parser.add_argument("--bench-phantoms", type=int, default=DEFAULT_BENCH_PHANTOMS,
+                        help=f"four-view phantom exams of the benchmark split (default {DEFAULT_BENCH_PHANTOMS})")
+    parser.add_argument("--shape", default="x".join(map(str, DEFAULT_SHAPE)),
+                        help="ROWSxCOLS of the phantoms, or 'full' for the simulator's full size "
+                             f"(default {'x'.join(map(str, DEFAULT_SHAPE))})")
+    parser.add_argument("--heldout-fraction", type=float, default=DEFAULT_FRACTION,
+                        help=f"share of the patients of split collections held out (default {DEFAULT_FRACTION})")
+    parser.add_argument("--seed", type=int, default=0, help="split seed; phantoms use seed, seed+1 (DBT), seed+2 (bench)")
+    parser.add_argument("--workers", type=int, default=1, help="phantom processes (default 1: leaves the other cores free)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar and no skipped-file lines on stderr")
+    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+
+
 # name -> (run, add_arguments, one-line help). Each command imports what it needs inside `run`, so
 # that `mammodino info` never pays for torch or scikit-image.
 COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]],
@@ -403,6 +481,9 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]],
                 "simulate FFDM images, DBT volumes or four-view exams as DICOM with masks and labels.csv"),
     "pretrain": (cmd_pretrain, args_pretrain,
                  "MammoDINO self-supervised pretraining: metrics.jsonl and safetensors checkpoints in --out"),
+    "monitor": (cmd_monitor, args_monitor,
+                "learning-curve measures of an encoder: same-breast view retrieval, attention in tissue, "
+                "phantom probes"),
     "cache": (cmd_cache, args_cache,
               "build or update a pretraining preprocessing cache (downsampled arrays + tissue masks) with dask"),
     "finetune": (cmd_finetune, args_finetune,
@@ -413,6 +494,8 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]],
               "linear probe of frozen features: patient-grouped cross-validated AUROC, balanced accuracy, macro-F1"),
     "embed": (cmd_embed, args_embed,
               "embeddings of a folder or labels CSV (.npz); similar cases of --query; precision@k per --target"),
+    "corpus": (cmd_corpus, args_corpus,
+               "manifest CSVs over every real collection + phantoms: pretrain/held-out/bench splits by patient"),
 }
 
 

@@ -386,7 +386,12 @@ def _fragment_table(path: str, f: Any, start: int, size: int, n_frames: int) -> 
 
 
 def open_file(path: str | os.PathLike) -> MammoImage:
-    """One DICOM file: a 2D image, or a multi-frame (e.g. enhanced DBT) volume."""
+    """One DICOM file: a 2D image, or a multi-frame (e.g. enhanced DBT) volume. A PNG/JPEG/TIFF file
+    (by suffix; a DICM marker wins) opens through :mod:`training.raster`."""
+    from .raster import is_raster_file, open_raster  # lazy: training.raster builds on this module
+
+    if is_raster_file(path) and not is_dicom_file(path):
+        return open_raster(path)
     return _from_header(Path(path), *read_header(path))
 
 

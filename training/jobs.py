@@ -191,7 +191,7 @@ class JsonlReader:
     """Rows of a JSON-lines file, read incrementally: each :meth:`read` parses only the bytes appended
     since the last one, and only whole lines (a half-written last line waits for its newline). A file
     that shrank or whose steps went backwards (a resumed run rewrites its metrics up to its checkpoint)
-    is read again from the start."""
+    is read again from the start; an eval line after the training line of its own step is no step back."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -223,12 +223,44 @@ class JsonlReader:
             if isinstance(row, dict):
                 new.append(row)
         previous = self.rows[-1].get("step") if self.rows else None
-        if new and isinstance(previous, (int, float)) and isinstance(new[0].get("step"), (int, float)) \
-                and new[0]["step"] <= previous:
+        step = new[0].get("step") if new else None
+        if isinstance(previous, (int, float)) and isinstance(step, (int, float)) \
+                and (step < previous or (step == previous and not (is_eval(new[0]) and not is_eval(self.rows[-1])))):
             self.rows, self._offset = [], 0  # rewritten in place: start again
             return self.read()
         self.rows.extend(new)
         return new
+
+
+def is_eval(row: Mapping[str, Any]) -> bool:
+    """A learning-curve line (``{"step", "kind": "eval", "eval": {...}}``, :mod:`training.learning_curve`),
+    not a training step's metrics."""
+    return row.get("kind") == "eval"
+
+
+def eval_curves(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The learning curve in metrics rows: each measure that has a chance level (a ``NAME_chance`` beside
+    it; mean ranks, on another scale, are left out) as ``{"steps": [...], "values": [...], "chance":
+    the latest chance level}``, in the order the measures first appear. Undefined values are skipped."""
+    curves: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        values = row.get("eval") if is_eval(row) else None
+        if not isinstance(values, Mapping):
+            continue
+        for name, value in values.items():
+            chance = values.get(f"{name}_chance")
+            if name.endswith("_chance") or "mean_rank" in name or not _number(chance):
+                continue
+            curve = curves.setdefault(name, {"steps": [], "values": [], "chance": None})
+            curve["chance"] = float(chance)
+            if _number(value):
+                curve["steps"].append(row.get("step"))
+                curve["values"].append(float(value))
+    return curves
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
 
 
 def loss_terms(rows: Sequence[Mapping[str, Any]]) -> list[str]:

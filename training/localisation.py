@@ -108,8 +108,15 @@ def lesion_regions(row: dict[str, str], column: str, base: Path, prepared: Prepa
             mask = load_mask(path)
         except Exception as exc:  # noqa: BLE001 - any decoder failure is the same user problem
             raise MammoInputError(f"lesion mask {path.name}: unreadable ({exc})") from None
-        if mask.ndim == 3 and prepared.frame is not None:
+        if mask.ndim == 3 and mask.shape[-1] in (3, 4) and mask.shape[:2] == shape:
+            mask = mask[..., :3].max(axis=-1)  # an RGB picture of a mask (e.g. CDD-CESM's JPEGs)
+        elif mask.ndim == 3 and prepared.frame is not None:
             mask = mask[prepared.frame]
+        if path.suffix.lower() in (".jpg", ".jpeg"):
+            # Lossy files blur a 0/255 mask into many values: threshold, then one lesion per blob.
+            from scipy import ndimage
+
+            mask, _ = ndimage.label(mask > 127)
         if mask.shape != shape:
             raise MammoInputError(f"lesion mask {path.name}: shape {mask.shape} does not match its image {shape}")
         return [mask == value for value in np.unique(mask) if value != 0]

@@ -4,12 +4,17 @@ A run lives in one folder ``RUN``:
 
 * ``RUN/metrics.jsonl``: one JSON object per logged step (``step`` counts completed optimiser steps;
   ``epoch``; every loss term; ``lr``, ``weight_decay``, ``momentum``, ``teacher_temp``,
-  ``teacher_entropy``, ``teacher_marginal_entropy``, ``grad_norm``, ``images_per_s``; ``skipped`` and
-  ``skipped_images``: draws of and images without tissue since this process started).
+  ``teacher_entropy``, ``teacher_marginal_entropy``, ``grad_norm``, ``images_per_s``; ``data_wait_s``
+  (seconds the loop waited for this step's batch) and ``step_s`` (the whole step, wait included);
+  ``skipped`` and ``skipped_images``: draws of and images without tissue since this process started;
+  ``unreadable`` and ``unreadable_images``: the same for images that failed to decode).
 * ``RUN/checkpoints/step_<7-digit step>.safetensors`` (the last ``keep_checkpoints``) and ``last.safetensors``
   (a hard link to the newest), written atomically by :func:`training.checkpoint.save_checkpoint`, holding
   student, teacher, loss centres, optimiser state, torch RNG state, and as JSON metadata the config,
   data, command, git commit, step, Python/NumPy RNG states and the last metrics.
+* With a learning-curve monitor (:mod:`training.learning_curve`, ``monitor.every`` and its CSVs), an
+  eval line ``{"step", "kind": "eval", "eval": {...}, "notes", "eval_s", "prepare_s"}`` after the
+  metrics line of every step it measures (no loss terms: readers of the losses skip it).
 
 Exact resume: every scheduled value is a function of the step, the batch of step ``s`` is a function of
 ``s`` (:mod:`training.data`), and the RNG states are restored, so a run stopped at a checkpoint (SIGKILL
@@ -31,8 +36,9 @@ single process's (each process draws for its share).
 
 Options: ``init_weights`` starts both backbones from a local DINOv2 / RAD-DINO / timm ``.safetensors``
 file (recorded, with its SHA-256, as ``init_weights`` in every checkpoint; a resumed run keeps it);
-``cache`` reads frames and tissue masks from a preprocessing cache (:mod:`training.cache`), built or
-updated first, so epochs do not decode DICOM again (a resumed run must read its data the same way);
+``cache`` says where frames and tissue masks come from (:mod:`training.cache`): by default a cache in
+:func:`training.cache.default_cache_dir`, built or updated first, so draws do not decode DICOM again;
+a folder; or False to decode every draw. A resumed run reads its data the way it recorded;
 ``device`` is "auto" (CUDA when available), "cpu" or "cuda".
 
 :func:`train_step` is one optimiser step (forward, losses, backward, clipping, AdamW, EMA), the same
@@ -62,7 +68,7 @@ from . import distributed
 from .checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state, prefixed, provenance,
                          read_metadata, save_checkpoint, unprefixed)
 from .configs import PretrainConfig
-from .data import PretrainDataset, StepBatches, collate
+from .data import PretrainDataset, StepBatches, collate, worker_options
 from .errors import MammoInputError
 from .losses import MammoDINOLoss
 from .models import StudentTeacher
@@ -116,17 +122,22 @@ def build_training(config: PretrainConfig, device: str | torch.device = "cpu"
 
 def build_run(config: PretrainConfig, data: str | Path, out: str | Path, resume: bool = False,
               command: Sequence[str] | None = None, device: str | torch.device = "cpu",
-              init_weights: str | Path | None = None, cache: str | Path | None = None,
-              progress: bool = False) -> Run:
+              init_weights: str | Path | None = None, cache: str | Path | bool | None = None,
+              progress: bool = False, init_from: str | Path | None = None) -> Run:
     """Model, loss, optimiser and data for ``config``, the model and loss on ``device``; with ``resume``,
     restored from ``out``'s last checkpoint (whose config must equal ``config``). Under torchrun every
     process builds (and restores) the same run.
 
     ``init_weights``: a local DINOv2 / RAD-DINO / timm ``.safetensors`` backbone both student and teacher
     start from (:meth:`StudentTeacher.load_backbone`; recorded in the checkpoints' ``init_weights``).
-    ``cache``: a preprocessing-cache folder (:mod:`training.cache`), built or brought up to date here
-    (by rank 0, in ``train.num_workers`` local processes; ``mammodino cache`` for more, or a cluster)
-    and then read instead of the DICOM files."""
+    ``init_from``: a MammoDINO pretraining checkpoint or run folder of the same model whose student,
+    teacher and loss centres this run starts from, with its own schedule, crops and data (a second
+    stage, e.g. the short high-resolution stage; recorded as ``init_from``).
+    ``cache``: where the data is read through (:func:`_cache_plan`): None (the default) a preprocessing
+    cache (:mod:`training.cache`) in the default folder, or the way a resumed run recorded; a folder;
+    False to decode every draw. The cache is built or brought up to date here (by rank 0, or each node's
+    first process for the default folder, in ``train.num_workers`` local processes; ``mammodino cache``
+    for more, or a cluster) and then read instead of the DICOM files."""
     out = Path(out)
     last = out / "checkpoints" / "last.safetensors"
     if resume and not last.is_file():
@@ -135,17 +146,39 @@ def build_run(config: PretrainConfig, data: str | Path, out: str | Path, resume:
         raise MammoInputError(f"{out} already holds a run; pass --resume to continue it or choose a new --out")
     if init_weights is not None and not Path(init_weights).is_file():
         raise MammoInputError(f"--init-weights {init_weights}: no such file")
+    if init_weights is not None and init_from is not None:
+        raise MammoInputError("--init-weights and --from both say where the weights start: give one")
+    start_from = _stage_checkpoint(init_from, config) if init_from is not None and not resume else None
     torch.manual_seed(config.train.seed)
     dataset = PretrainDataset(data, config.sampler, seed=config.train.seed, naive=config.train.naive_sampler)
-    if cache is not None:
+    folder, automatic, settings = _cache_plan(cache, last if resume else None)
+    if folder is not None:
         from .cache import FrameCache, build_cache
 
-        if distributed.is_main():  # as many processes as the run gives its DataLoader
-            build_cache(dataset.images, cache, workers=max(1, config.train.num_workers), progress=progress)
+        # The default folder is per machine (~/.cache): each node's first process builds its own. A
+        # folder given by --cache is shared by the nodes (like --out), so rank 0 alone builds it.
+        builder = int(os.environ.get("LOCAL_RANK", 0)) == 0 if automatic else distributed.is_main()
+        if builder:  # as many processes as the run gives its DataLoader
+            report = build_cache(dataset.images, folder, settings, workers=max(1, config.train.num_workers),
+                                 progress=progress, fixed_settings=not automatic)
+            if progress and report["built"]:
+                print(f"mammodino pretrain: preprocessing cache {folder}: built {report['built']} of "
+                      f"{report['images']} images in {report['seconds']} s (--no-cache decodes instead)",
+                      file=sys.stderr)
         distributed.barrier()  # the other processes read what rank 0 wrote
-        dataset.use_cache(FrameCache(cache))
+        dataset.use_cache(FrameCache(folder, settings, automatic=automatic))
     model, loss, optimizer = build_training(config, device)
     meta = provenance(list(command) if command is not None else None, dataset.describe())
+    from .throughput import device_name
+
+    meta["device"] = device_name(device)
+    if start_from is not None:
+        tensors, earlier = load_checkpoint(start_from)
+        model.load_state_dict(unprefixed("model", tensors))
+        loss.load_state_dict(unprefixed("loss", tensors))
+        meta["init_from"] = {"path": str(start_from.resolve()), "sha256": _sha256(start_from),
+                             "step": earlier["step"], "config": earlier.get("config", {}).get("name"),
+                             "command": earlier.get("command")}
     if init_weights is not None and not resume:
         report = model.load_backbone(init_weights)
         meta["init_weights"] = {"path": str(Path(init_weights).resolve()), "sha256": _sha256(init_weights),
@@ -154,6 +187,46 @@ def build_run(config: PretrainConfig, data: str | Path, out: str | Path, resume:
     if resume:
         _restore(run, last, init_weights)
     return run
+
+
+def _cache_plan(cache: str | Path | bool | None, resumed: Path | None) -> tuple[Path | None, bool, Any]:
+    """Where the run reads its data through: (cache folder or None to decode, whether it is the automatic
+    default folder, the cache settings or None for the folder's own). ``cache`` None (or True): the
+    default folder with the default settings, or for a resumed run (``resumed``: its checkpoint) what the
+    run recorded (no cache, its folder, or the default folder with its settings), so resuming without
+    options reads the same batches; False: decode; a path: that folder."""
+    from .cache import CacheSettings, default_cache_dir
+
+    if cache is False:
+        return None, False, None
+    if cache is None or cache is True:
+        if resumed is None:
+            return default_cache_dir(), True, CacheSettings()
+        recorded = (read_metadata(resumed).get("data") or {}).get("cache")
+        if not recorded:
+            return None, False, None  # it decoded its files (or predates the cache)
+        if recorded.get("automatic"):
+            return default_cache_dir(), True, CacheSettings.from_dict(recorded["settings"])
+        return Path(recorded["folder"]), False, None
+    return Path(cache), False, None
+
+
+def _stage_checkpoint(init_from: str | Path, config: PretrainConfig) -> Path:
+    """The checkpoint ``--from`` names (a file, or a run folder's ``checkpoints/last.safetensors``), checked
+    to be a MammoDINO pretraining checkpoint of the same network as ``config``."""
+    path = Path(init_from)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.safetensors"
+    if not path.is_file():
+        raise MammoInputError(f"--from {init_from}: no pretraining checkpoint there (a .safetensors file or a "
+                              f"run folder with checkpoints/last.safetensors)")
+    meta = read_metadata(path)
+    if "step" not in meta or "model" not in meta:
+        raise MammoInputError(f"--from {init_from}: not a MammoDINO pretraining checkpoint")
+    if meta["model"] != config.model.to_dict():
+        raise MammoInputError(f"--from {init_from}: its model differs from --config's; a later stage keeps the "
+                              f"network (change crops, schedule or data, not model.*)")
+    return path
 
 
 def _sha256(path: str | Path) -> str:
@@ -166,14 +239,22 @@ def _sha256(path: str | Path) -> str:
 
 def _restore(run: Run, path: Path, init_weights: str | Path | None = None) -> None:
     tensors, meta = load_checkpoint(path)
-    if meta.get("config") != run.config.to_dict():
+    training_part = lambda config: {k: v for k, v in (config or {}).items() if k != "monitor"}  # noqa: E731
+    if training_part(meta.get("config")) != training_part(run.config.to_dict()):  # the monitor changes no weight
         raise MammoInputError(f"--resume: the config differs from the run's ({path}); resume with the same "
                               f"--config and --set, or start a new --out")
-    cache_then = (meta.get("data") or {}).get("cache", {}).get("settings")
-    cache_now = run.dataset.cache.settings.to_dict() if run.dataset.cache is not None else None
-    if cache_then != cache_now:  # another resolution would change the batches
-        how = f"through a cache built with {cache_then}" if cache_then else "without a cache"
-        raise MammoInputError(f"--resume: the run read its data {how}; resume it the same way (--cache)")
+    then = (meta.get("data") or {}).get("cache") or {}
+    now = run.dataset.cache.describe() if run.dataset.cache is not None else {}
+    if then.get("settings") != now.get("settings"):  # another resolution would change the batches
+        how = f"through a cache built with {then['settings']}" if then else "without a cache (--no-cache)"
+        raise MammoInputError(f"--resume: the run read its data {how}; resume it the same way (leave out "
+                              f"--cache and --no-cache to follow the run)")
+    if then.get("preprocessing") != now.get("preprocessing"):
+        raise MammoInputError(f"--resume: the run's preprocessing cache was made by another version "
+                              f"({then.get('preprocessing') or 'format 1'}); its batches cannot be repeated: "
+                              f"start a new --out")
+    if meta.get("init_from"):
+        run.meta["init_from"] = meta["init_from"]  # a resumed second stage still says where it began
     started = meta.get("init_weights")
     if init_weights is not None and (started or {}).get("path") != str(Path(init_weights).resolve()):
         raise MammoInputError(f"--resume: the run started from {started['path'] if started else 'random weights'}, "
@@ -319,10 +400,14 @@ def train_step(model: StudentTeacher, loss: MammoDINOLoss, optimizer: torch.opti
 
 
 def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(),
-                   should_stop: Any = None) -> Iterator[dict[str, Any]]:
+                   should_stop: Any = None, monitor: Any = None) -> Iterator[dict[str, Any]]:
     """Train from ``run.step`` to ``max_steps`` (default: the schedule's ``total_steps``), yielding each
     step's metrics. ``should_stop()`` (e.g. a SIGTERM flag or a GUI cancel button) is checked after each
     step: the run then saves a checkpoint and ends. Raises :class:`TrainingStopped` from a guard.
+    ``monitor``: a :class:`training.learning_curve.Monitor`; on the steps it is due (not when stopping),
+    rank 0 measures the EMA teacher and appends ``{"step", "kind": "eval", "eval": {...}, "notes",
+    "eval_s", "prepare_s"}`` to metrics.jsonl (the yielded metrics get its ``eval``) while the other
+    processes wait.
 
     Under torchrun (:mod:`training.distributed`) every process runs this on its share of each global
     batch with the student in DDP; the metrics (and so every decision: skip, guards, stop) are those of
@@ -339,27 +424,33 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
     last_metrics: dict[str, Any] | None = None
     skipped: set[int] = set()
     draws = 0
+    unreadable: set[int] = set()
+    unreadable_draws = 0
+    waited = 0.0  # seconds the loop waited for data since the last step it trained
     run.model.train()
     student = _data_parallel(run.model.student, ctx, device)
     batches = _batches(run, end, ctx, device)
     tick = time.perf_counter()
-    for batch in batches:
+    for batch, wait in _timed(batches):
         step = run.step
+        waited += wait
         # What every process must agree on: the global image count, an empty share, iBOT masks anywhere.
         local_masks = batch["n_images"] > 0 and bool(batch["masks"].any())
-        shares = distributed.gather_objects((batch["n_images"], local_masks, batch["skipped"]))
-        for _, _, indices in shares:
+        shares = distributed.gather_objects((batch["n_images"], local_masks, batch["skipped"], batch["unreadable"]))
+        for _, _, indices, failed in shares:
             skipped.update(indices)
             draws += len(indices)
-        if min(n for n, _, _ in shares) == 0:  # a share without tissue: every process skips the step
+            unreadable.update(failed)
+            unreadable_draws += len(failed)
+        if min(n for n, *_ in shares) == 0:  # a share without tissue: every process skips the step
             run.step += 1
             if run.step == end and main_process:
                 save(run, last_metrics)
             continue
-        sizes = [n for n, _, _ in shares]
+        sizes = [n for n, *_ in shares]
         try:
             result = train_step(run.model, run.loss, run.optimizer, c, batch, step, student=student, sizes=sizes,
-                                masked=any(m for _, m, _ in shares), stop=bool(should_stop and should_stop()))
+                                masked=any(m for _, m, *_ in shares), stop=bool(should_stop and should_stop()))
         except NonFiniteLoss as exc:
             raise TrainingStopped(f"{exc} at step {step + 1}; {_kept(run)}") from None
         scalars, values = result.scalars, result.values
@@ -378,12 +469,23 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
                    "teacher_temp": values.teacher_temp, "teacher_entropy": scalars["teacher_entropy"],
                    "teacher_marginal_entropy": scalars["teacher_marginal_entropy"],
                    "grad_norm": result.grad_norm, "images_per_s": sum(sizes) / (now - tick),
-                   "skipped": draws, "skipped_images": len(skipped)}
-        tick = now
+                   "data_wait_s": waited, "step_s": now - tick,
+                   "skipped": draws, "skipped_images": len(skipped),
+                   "unreadable": unreadable_draws, "unreadable_images": len(unreadable)}
+        tick, waited = now, 0.0
         last_metrics = metrics
         if main_process and (run.step % c.train.log_every == 0 or run.step == 1 or run.step == end):
             with open(metrics_file, "a", encoding="utf-8") as f:
                 f.write(json.dumps(metrics) + "\n")
+        if monitor is not None and monitor.due(run.step, end) and not result.stop:
+            # Before the checkpoint: a run killed while evaluating resumes before this step and measures it again.
+            if main_process:
+                line = {"step": run.step, "kind": "eval", **monitor(run.model.teacher.backbone, run.step)}
+                with open(metrics_file, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(line) + "\n")
+                metrics["eval"] = line["eval"]
+            distributed.barrier()  # the other processes wait for rank 0's evaluation
+            tick = time.perf_counter()  # the evaluation is no part of the next step's time
         if run.step % c.train.checkpoint_every == 0 or run.step == end or result.stop:
             replicas = distributed.gather_objects(replica_digest(run))
             if len(set(replicas)) > 1:
@@ -411,13 +513,26 @@ def _data_parallel(student: torch.nn.Module, ctx: distributed.Context, device: t
 
 def _batches(run: Run, end: int, ctx: distributed.Context, device: torch.device) -> torch.utils.data.DataLoader:
     """This process's share of the batches of steps ``run.step..end - 1`` (the whole batches in a single
-    process). Its own generator: making it never draws from torch's global RNG (exact resume)."""
+    process), prepared ahead by persistent single-threaded workers (:func:`training.data.worker_options`).
+    Its own generator: making it never draws from torch's global RNG (exact resume)."""
     c = run.config.train
     steps = StepBatches(run.dataset, c.batch_size, run.step, end)
     return torch.utils.data.DataLoader(
         run.dataset, batch_sampler=distributed.ShardedBatches(steps, ctx.rank, ctx.world_size),
         collate_fn=collate, num_workers=c.num_workers, generator=torch.Generator().manual_seed(0),
-        pin_memory=device.type == "cuda")
+        pin_memory=device.type == "cuda", **worker_options(c.num_workers))
+
+
+def _timed(batches: Any) -> Iterator[tuple[dict[str, Any], float]]:
+    """Each batch with the seconds the loop waited for it: the data path's share of a step, measured."""
+    iterator = iter(batches)
+    while True:
+        start = time.perf_counter()
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        yield batch, time.perf_counter() - start
 
 
 def _whole_batch_terms(loss: MammoDINOLoss, student: dict[str, torch.Tensor], batch: dict[str, Any],
@@ -449,11 +564,13 @@ def _whole_batch_terms(loss: MammoDINOLoss, student: dict[str, torch.Tensor], ba
 def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_steps: int | None = None,
              resume: bool = False, command: Sequence[str] | None = None, progress: bool = True,
              guard: Guard = Guard(), device: str = "auto", init_weights: str | Path | None = None,
-             cache: str | Path | None = None) -> dict[str, Any]:
+             cache: str | Path | bool | None = None, monitor_real: str | Path | None = None,
+             monitor_phantom: str | Path | None = None, init_from: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) a pretraining job to ``max_steps``; SIGTERM saves a checkpoint and ends it cleanly.
-    ``device``: "auto" (CUDA when available), "cpu" or "cuda"; ``init_weights`` and ``cache``: see
-    :func:`build_run`. Returns a summary: steps done, last metrics, checkpoint, whether it was stopped
-    by SIGTERM."""
+    ``device``: "auto" (CUDA when available), "cpu" or "cuda"; ``init_weights``, ``init_from`` and
+    ``cache``: see :func:`build_run`; ``monitor_real``/``monitor_phantom``: the learning curve's labels CSVs (see
+    :func:`learning_curve_monitor`). Returns a summary: steps done, last metrics, checkpoint, whether it
+    was stopped by SIGTERM."""
     from tqdm import tqdm
 
     ctx = distributed.setup(device)  # under torchrun: join the process group (left again at the end)
@@ -465,8 +582,11 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
         if config.train.batch_size < ctx.world_size:
             raise MammoInputError(f"train.batch_size {config.train.batch_size} is smaller than the "
                                   f"{ctx.world_size} processes: each needs at least one image a step")
+        monitor = learning_curve_monitor(config, monitor_real, monitor_phantom)  # CSV mistakes before any work
         run = build_run(config, data, out, resume, command, ctx.device, init_weights, cache,
-                        progress=progress and ctx.rank == 0)
+                        progress=progress and ctx.rank == 0, init_from=init_from)
+        if monitor is not None:
+            run.meta["monitor"] = monitor.inputs()  # the CSVs and their SHA-256, in every checkpoint
         distributed.barrier()  # every process has checked --out before rank 0 writes into it
         end = config.schedule.total_steps if max_steps is None else max_steps
         if end < run.step:
@@ -475,7 +595,7 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
         show = progress and ctx.rank == 0  # one bar, rank 0's
         with tqdm(total=end, initial=start, file=sys.stderr, disable=not show, unit="step",
                   dynamic_ncols=True) as bar:
-            for last in pretrain_steps(run, end, guard, should_stop=lambda: bool(terminated)):
+            for last in pretrain_steps(run, end, guard, should_stop=lambda: bool(terminated), monitor=monitor):
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['total']:.3f}", H=f"{last['teacher_entropy']:.2f}")
     finally:
@@ -490,6 +610,22 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
             "step": run.step, "total_steps": config.schedule.total_steps,
             "terminated": bool(terminated), "checkpoint": str(run.checkpoints / "last.safetensors"),
             "metrics": {k: v for k, v in last.items() if k != "checkpoint"}, "data": run.dataset.describe()}
+
+
+def learning_curve_monitor(config: PretrainConfig, real: str | Path | None,
+                           phantom: str | Path | None) -> Any:
+    """The run's :class:`training.learning_curve.Monitor`: None when no CSV is given (a preset's
+    ``monitor.every`` then only says how often a run with CSVs would measure); a CSV without
+    ``monitor.every`` is one line."""
+    m = config.monitor
+    if real is None and phantom is None:
+        return None
+    if not m.every:
+        raise MammoInputError("--monitor-real/--monitor-phantom: say how often to evaluate, e.g. "
+                              "--set monitor.every=200 (steps)")
+    from .learning_curve import Monitor
+
+    return Monitor(real, phantom, m.resolution, m.k, m.max_images, config.sampler.intensity_percentiles, m.every)
 
 
 def _in_main_thread() -> bool:

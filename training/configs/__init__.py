@@ -10,12 +10,26 @@ Presets (``training/configs/<name>.json``):
   targets and the student only learns to be uniform (teacher entropy log K = 6.931 for all of a
   60-step run on 240 phantoms); with 0.1 the targets depend on the image from step 1 (6.66 at step 60).
   DINOv2's 1e-5 suits its 125k-step runs; the other presets keep it.
+* ``cpu-small`` then ``cpu-small-hires``: the CPU recipe that learns (about 2 hours on 2 cores). ViT-tiny/16
+  with 6 blocks and 4 registers (Darcet et al. 2024: clean class-token attention), position embeddings
+  stored for 224 px; 5000 steps of 16 images with 2 x 96 px + 6 x 48 px crops, then a short
+  high-resolution stage (``mammodino pretrain --from STAGE1``: 300 steps at 192/80 px, as DINOv3 ends
+  its training) so that 448 px inputs (28 patches on the long side) give sound maps. What made it learn,
+  measured on phantoms + CBIS-DDSM at 16 images a step: with cpu-tiny's settings (Sinkhorn-Knopp,
+  1024 prototypes, layer scale 0.1, teacher temperature warming to 0.07) the teacher's targets went
+  uniform (DINO loss 6.92 = ln 1024 at step 500: mammogram crops look alike to a random network, class
+  tokens of different images start at cosine 0.90, and centring removes what they share); with no layer
+  scale (cosine 0.54 at start), 256 prototypes, a running-centre softmax and a constant teacher
+  temperature of 0.04 the targets sharpen at once (teacher entropy 3.8 of ln 256 = 5.55 at step 200)
+  and the features beat random weights after 150 steps.
+* ``vits16-release`` then ``vits16-release-hires``: the same recipe for one H100/H200 (ViT-S/16, bf16,
+  256 images a step, 14 data workers), ``scripts/train_release_encoder.sh``.
 * ``vits14``, ``vitb14``: ViT-S/14 and ViT-B/14 with DINOv2's defaults (heads, losses, schedules,
   crops 224/98 px) and small-batch settings for one GPU (64 images per step, learning rate by
   DINOv2's square-root rule, Sinkhorn-Knopp centring, which DINOv2 uses for its own long runs).
 
-A file holds up to five sections, ``model``, ``loss``, ``schedule``, ``sampler``, ``train``; anything
-missing takes the defaults of :class:`training.models.ModelConfig` etc.
+A file holds up to six sections, ``model``, ``loss``, ``schedule``, ``sampler``, ``train``, ``monitor``;
+anything missing takes the defaults of :class:`training.models.ModelConfig` etc.
 """
 
 from __future__ import annotations
@@ -57,6 +71,25 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class MonitorConfig:
+    """The learning curve (:mod:`training.learning_curve`): the EMA teacher is measured every ``every``
+    steps (0: off) and at the end, on the CSVs given by ``--monitor-real``/``--monitor-phantom``, at
+    ``resolution`` px on the long side, with view retrieval scored at ``k`` neighbours, on at most
+    ``max_images`` images of each CSV (whole patients). It changes no weight, so a run may be resumed
+    with other monitor settings."""
+
+    every: int = 0
+    resolution: int = 448
+    k: int = 5
+    max_images: int = 120
+
+    def __post_init__(self) -> None:
+        if self.every < 0 or self.k < 1 or self.max_images < 1 or self.resolution < 16:
+            raise MammoInputError("monitor config: every >= 0 (0 = off), k >= 1, max_images >= 1 and "
+                                  "resolution >= 16 px")
+
+
+@dataclass(frozen=True)
 class PretrainConfig:
     """Everything a pretraining run needs, as data."""
 
@@ -65,6 +98,7 @@ class PretrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
     name: str = "custom"
 
     def __post_init__(self) -> None:
