@@ -24,9 +24,7 @@ this way (``scripts/train_release_encoder.sh`` calls it last):
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -43,90 +41,12 @@ from training.configs import PretrainConfig  # noqa: E402
 from training.encoder import load_encoder, save_encoder  # noqa: E402
 from training.errors import MammoInputError  # noqa: E402
 from training.finetune import FinetuneConfig, finetune  # noqa: E402
-from training.learning_curve import evaluate as curve_measures  # noqa: E402
+from training.benchmark import LABELS, RESOLUTION, chance_levels, measures, subset  # noqa: E402
 from training.model_card import CURVE, model_card  # noqa: E402
-from training.probe import run_probe  # noqa: E402
+from training.pretrain import export_state  # noqa: E402
 from training.throughput import flops_per_image, mfu, peak_flops  # noqa: E402
 
-RESOLUTION = 448  # 28 patches of 16 px on the long side: the finer maps the high-resolution stage trains for
 HEADS = ("density", "lesion", "lesion_mask")
-LABELS = {  # evaluation key -> what the card calls it
-    "phantom_density_bal_acc": "density balanced accuracy, phantom benchmark",
-    "phantom_density_auroc": "density AUROC (macro), phantom benchmark",
-    "phantom_lesion_auroc": "lesion present AUROC, phantom benchmark",
-    "phantom_lesion_type_auroc": "lesion type AUROC (macro), phantom benchmark",
-    "phantom_lesion_patch_auroc": "lesion patch AUROC, phantom benchmark (linear patch head, held-out patients)",
-    "real_density_bal_acc": "density (quartile) balanced accuracy, real held-out DDSM",
-    "real_density_auroc": "density (quartile) AUROC (macro), real held-out DDSM",
-    "real_abnormal_auroc": "normal vs abnormal AUROC, real held-out DDSM",
-    "real_view_top1": "same-breast view retrieval top-1, real views",
-    "real_view_topk": "same-breast view retrieval top-k, real views",
-    "phantom_view_top1": "same-breast view retrieval top-1, phantom benchmark",
-    "phantom_view_topk": "same-breast view retrieval top-k, phantom benchmark",
-    "cbis_attention_ratio": "attention in tissue / uniform share, real CBIS-DDSM views",
-    "real_attention_ratio": "attention in tissue / uniform share, all real views",
-    "phantom_attention_ratio": "attention in tissue / uniform share, phantom benchmark",
-}
-
-
-def subset(csv_path: Path, out: Path, keep) -> Path:
-    """The rows of ``csv_path`` that ``keep(row)`` accepts, written to ``out`` with paths still relative to
-    the original CSV's folder (rewritten relative to ``out``)."""
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        fields, rows = reader.fieldnames, [row for row in reader if keep(row)]
-    for row in rows:
-        row["path"] = os.path.relpath(csv_path.parent / row["path"], out.parent)
-        for column in ("lesion_mask", "breast_mask", "glandular_mask", "tissue_map"):
-            if row.get(column):
-                row[column] = os.path.relpath(csv_path.parent / row[column], out.parent)
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    return out
-
-
-def probes(spec: Any, csv_path: Path, targets: dict[str, str], cache: Path, boot: int) -> dict[str, Any]:
-    """``{key: metric}`` of linear probes of ``spec`` for each ``{target: prefix}``."""
-    out: dict[str, Any] = {}
-    for target, prefix in targets.items():
-        try:
-            report = run_probe(csv_path, target, checkpoint=spec, group="patient_id", resolution=RESOLUTION,
-                               cache=cache, progress=False, n_boot=boot)
-        except MammoInputError as exc:  # too few patients per class (a smoke run's corpus): say so, go on
-            out[f"{prefix}_error"] = str(exc)
-            continue
-        out[f"{prefix}_bal_acc"] = report["balanced_accuracy"]
-        out[f"{prefix}_auroc"] = report["auroc"]
-        out[f"{prefix}_n"] = report["n"]
-    return out
-
-
-def measures(spec: Any, corpus: Path, work: Path, boot: int, max_images: int) -> dict[str, Any]:
-    """Every evaluation figure of one encoder (a spec for ``load_encoder``)."""
-    encoder = load_encoder(spec)
-    encoder.resolution = RESOLUTION
-    heldout = subset(corpus / "heldout.csv", work / "heldout_ddsm.csv", lambda r: r["collection"] == "ddsm_tissue66")
-    cbis = subset(corpus / "real.csv", work / "real_cbis.csv", lambda r: r["collection"] == "cbis_ddsm")
-    cache = work / "features"
-    out: dict[str, Any] = {}
-    out.update(probes(spec, corpus / "bench.csv", {"density": "phantom_density", "lesion": "phantom_lesion",
-                                                   "lesion_type": "phantom_lesion_type"}, cache, boot))
-    out.update(probes(spec, heldout, {"density": "real_density", "abnormal": "real_abnormal"}, cache, boot))
-    curve = curve_measures(encoder, corpus / "real.csv", corpus / "bench.csv", RESOLUTION, max_images=max_images)
-    e = curve["eval"]
-    for key in ("real_view_top1", "real_view_topk", "phantom_view_top1", "phantom_view_topk",
-                "phantom_lesion_patch_auroc"):
-        out[key] = e.get(key)
-        out[f"{key}_chance"] = e.get(f"{key}_chance")
-    out["real_attention_ratio"] = e.get("attention_ratio_real")
-    out["phantom_attention_ratio"] = e.get("attention_ratio_phantom")
-    only_cbis = curve_measures(encoder, cbis, None, RESOLUTION, max_images=max_images)["eval"]
-    out["cbis_attention_ratio"] = only_cbis.get("attention_ratio_real")
-    out["cbis_attention_in_tissue"] = only_cbis.get("attention_in_tissue_real")
-    out["cbis_tissue_share"] = only_cbis.get("tissue_share_real")
-    return out
 
 
 def stage_record(run: Path) -> dict[str, Any]:
@@ -174,6 +94,8 @@ def main() -> None:
     parser.add_argument("--max-images", type=int, default=240, help="images per CSV for the curve measures")
     parser.add_argument("--epochs", type=int, default=200, help="head training epochs")
     parser.add_argument("--remake", help="the command line that remakes this file, for the card")
+    parser.add_argument("--state", type=Path, help="also write the last stage's teacher and centres (fp16) here, "
+                        "to continue training on another machine with `mammodino pretrain --from STATE`")
     args = parser.parse_args()
     card = args.card or args.out.parent / "README.md"
     stages = [stage_record(run.resolve()) for run in args.stages]
@@ -211,11 +133,7 @@ def main() -> None:
     for stage in stages[1:]:
         stage.pop("all_metrics")
     corpus_info = json.loads((corpus / "corpus.json").read_text())
-    chance = {k[: -len("_chance")]: v for k, v in trained.items() if k.endswith("_chance")}
-    chance.update({"phantom_density_bal_acc": 0.25, "real_density_bal_acc": 0.25, "phantom_density_auroc": 0.5,
-                   "phantom_lesion_auroc": 0.5, "phantom_lesion_type_auroc": 0.5, "phantom_lesion_patch_auroc": 0.5,
-                   "real_density_auroc": 0.5, "real_abnormal_auroc": 0.5, "cbis_attention_ratio": 1.0,
-                   "real_attention_ratio": 1.0, "phantom_attention_ratio": 1.0})
+    chance = chance_levels(trained)
     curve, offset = [], 0  # one curve over the stages: a later stage's steps continue the earlier's
     for stage in stages:
         curve += [{"stage": stage["name"], "step": offset + point["step"], **{key: point.get(key) for key, _ in CURVE}}
@@ -245,6 +163,9 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     save_encoder(args.out, encoder, meta, dtype=torch.float16)
     card.write_text(model_card(read_metadata(args.out), args.out), encoding="utf-8")
+    if args.state is not None:
+        export_state(last, args.state)
+        print(f"wrote {args.state} ({args.state.stat().st_size / 1e6:.1f} MB): continue with --from", file=sys.stderr)
     print(f"wrote {args.out} ({args.out.stat().st_size / 1e6:.1f} MB) and {card}", file=sys.stderr)
 
 

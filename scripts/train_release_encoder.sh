@@ -77,6 +77,7 @@ train "$work/stage2" --config "$hires" "${from[@]}"
 hours=$(awk -v s="$started" -v e="$(date +%s)" 'BEGIN { printf "%.3f", (e - s) / 3600 }')
 log "5/5 encoder, evaluation and model card -> $out"
 "$PY" scripts/make_encoder.py --stages "$work/stage1" "$work/stage2" --corpus "$work/corpus" --out "$out" \
-  --card "${out%.safetensors}.md" --name "$name" --recipe "$recipe" --hours "$hours" "${make_args[@]}" \
+  --card "${out%.safetensors}.md" --state "${out%.safetensors}-state.safetensors" --name "$name" \
+  --recipe "$recipe" --hours "$hours" "${make_args[@]}" \
   --remake "bash scripts/train_release_encoder.sh --recipe $recipe"
 log "done: $out"

@@ -110,7 +110,10 @@ def wait_for(path: Path, process: subprocess.Popen, seconds: float = 90) -> None
 
 def test_a_run_killed_with_sigkill_resumes_to_the_weights_of_an_uninterrupted_run(labels, tmp_path):
     split = tmp_path / "split"
-    process = subprocess.Popen(cli_command(split, labels, "--max-steps", "1000"), cwd=REPO,
+    # The killed process computes with as many threads as this one, which finishes both runs: another
+    # thread count sums floats in another order (1e-4 apart after a few steps).
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())}
+    process = subprocess.Popen(cli_command(split, labels, "--max-steps", "1000"), cwd=REPO, env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(split / "checkpoints" / "last.safetensors", process)
@@ -149,6 +152,24 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(labels, tmp_path):
     assert "SIGTERM" in stderr and "--resume" in stderr
     meta = read_metadata(out / "checkpoints" / "last.safetensors")
     assert 1 <= meta["step"] < 1000
+
+
+def test_sigterm_to_the_whole_job_with_data_workers_still_saves_a_checkpoint(labels, tmp_path):
+    """A scheduler (scancel, systemd, pkill) signals every process of the job, DataLoader workers included."""
+    out = tmp_path / "run"
+    command = cli_command(out, labels, "--set", "train.checkpoint_every=1000", "--max-steps", "1000",
+                          "--set", "train.num_workers=1")
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        wait_for(out / "metrics.jsonl", process)
+        os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, stderr
+    assert 1 <= read_metadata(out / "checkpoints" / "last.safetensors")["step"] < 1000
 
 
 def test_loss_falls_and_the_teacher_does_not_collapse(labels, tmp_path):

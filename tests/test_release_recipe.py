@@ -73,3 +73,5 @@ def test_smoke_encoder_loads_with_its_card(smoke):
     card = (smoke / "mammodino-smoke.md").read_text()
     assert "random init" in card and f"{speed['images_per_s']:.1f}" in card
     assert "scripts/train_release_encoder.sh --recipe smoke" in card
+    state = read_metadata(smoke / "mammodino-smoke-state.safetensors")  # what another machine continues from
+    assert state["kind"] == "pretraining-state" and state["step"] == 2

@@ -325,13 +325,19 @@ def worker_options(num_workers: int) -> dict[str, Any]:
     between iterators), :data:`PREFETCH_BATCHES` batches ahead each, one torch thread each."""
     if num_workers == 0:
         return {}
-    return {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES, "worker_init_fn": _one_thread}
+    return {"persistent_workers": True, "prefetch_factor": PREFETCH_BATCHES, "worker_init_fn": _worker_init}
 
 
-def _one_thread(_worker: int) -> None:
-    """Each worker samples one item at a time: torch's intra-op threads would only compete with the
-    training step for the same cores."""
+def _worker_init(_worker: int) -> None:
+    """One torch thread per worker: each samples one item at a time, and torch's intra-op threads would
+    only compete with the training step for the same cores. SIGTERM is ignored: schedulers (SLURM's
+    scancel, systemd, ``pkill``) signal every process of a job, and a worker that died of it would crash
+    the run before the training process, which handles SIGTERM, could save its checkpoint; the
+    DataLoader still ends its workers when the run ends."""
+    import signal
+
     torch.set_num_threads(1)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def loader(dataset: PretrainDataset, batch_size: int, start_step: int = 0, end_step: int | None = None,

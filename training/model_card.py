@@ -74,7 +74,7 @@ def model_card(meta: dict[str, Any], path: str | Path) -> str:
     stages = meta["training"]["stages"]
     evaluation = meta["evaluation"]
     throughput = meta.get("throughput") or {}
-    dim, depth = model.get("embed_dim") or "", model.get("depth") or ""
+    depth = model.get("depth") or ""
     size_mb = path.stat().st_size / 1e6 if path.exists() else float("nan")
     lines = [
         f"# Model card: {meta['name']}",

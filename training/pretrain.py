@@ -174,7 +174,10 @@ def build_run(config: PretrainConfig, data: str | Path, out: str | Path, resume:
     meta["device"] = device_name(device)
     if start_from is not None:
         tensors, earlier = load_checkpoint(start_from)
-        model.load_state_dict(unprefixed("model", tensors))
+        state = unprefixed("model", tensors)
+        if not any(k.startswith("student.") for k in state):  # an exported state: the teacher alone
+            state.update({"student." + k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")})
+        model.load_state_dict(state)
         loss.load_state_dict(unprefixed("loss", tensors))
         meta["init_from"] = {"path": str(start_from.resolve()), "sha256": _sha256(start_from),
                              "step": earlier["step"], "config": earlier.get("config", {}).get("name"),
@@ -227,6 +230,26 @@ def _stage_checkpoint(init_from: str | Path, config: PretrainConfig) -> Path:
         raise MammoInputError(f"--from {init_from}: its model differs from --config's; a later stage keeps the "
                               f"network (change crops, schedule or data, not model.*)")
     return path
+
+
+def export_state(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = torch.float16) -> Path:
+    """A small file to continue a run from on another machine: the student, teacher and loss centres of a
+    pretraining checkpoint (or run folder) in ``dtype``, without optimiser or RNG state, with the run's
+    config, step, data and command as metadata. ``mammodino pretrain --from OUT`` starts a new stage from
+    it, student and teacher both from the teacher (not an exact resume: AdamW's moments start again)."""
+    path = Path(checkpoint)
+    if path.is_dir():
+        path = path / "checkpoints" / "last.safetensors"
+    tensors, meta = load_checkpoint(path)
+    # The teacher alone: a new stage starts its student from it (the EMA is the better network), so the
+    # file is half the size of both.
+    kept = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in tensors.items()
+            if k.startswith(("model.teacher.", "loss."))}
+    info = {k: meta.get(k) for k in ("config", "model", "step", "data", "command", "git_commit", "init_from",
+                                     "device", "created", "versions")}
+    info["kind"] = "pretraining-state"
+    info["exported_from"] = {"path": str(path.resolve()), "sha256": _sha256(path)}
+    return save_checkpoint(out, kept, info)
 
 
 def _sha256(path: str | Path) -> str:
