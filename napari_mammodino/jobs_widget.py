@@ -174,10 +174,10 @@ class JobsWidget(QWidget):
         self.axes = self.figure.add_subplot()
         self.canvas = FigureCanvasQTAgg(self.figure)
         self.canvas.setMinimumHeight(180)
-        self.eval_figure = Figure(figsize=(4, 2.6), tight_layout=True)
+        self.eval_figure = Figure(figsize=(4, 4.2), layout="constrained")  # room for the legend below
         self.eval_axes = self.eval_figure.add_subplot()
         self.eval_canvas = FigureCanvasQTAgg(self.eval_figure)
-        self.eval_canvas.setMinimumHeight(180)
+        self.eval_canvas.setMinimumHeight(300)
         self._reset_plots()
         self.plots = QTabWidget()
         self.plots.addTab(self.canvas, "losses")
@@ -350,7 +350,12 @@ class JobsWidget(QWidget):
 
     def cancel(self) -> None:
         """SIGTERM the job: it saves a checkpoint at the end of its step and exits."""
-        if self.job is not None and self.job.cancel():
+        try:
+            cancelled = self.job is not None and self.job.cancel()
+        except MammoInputError as exc:  # a run started outside napari: nothing here to signal
+            self._say(f"error: {exc}")
+            return
+        if cancelled:
             self._say("cancelling: the trainer saves a checkpoint, then exits…")
 
     def send_checkpoint(self) -> Path | None:
@@ -463,7 +468,9 @@ class JobsWidget(QWidget):
                 self.eval_lines[name].set_data(curve["steps"], curve["values"])
                 self.chance_lines[name].set_ydata([curve["chance"]] * 2)
         if legend:
-            self.eval_axes.legend(loc="best", fontsize="xx-small", ncols=2, framealpha=0.6,
+            # Below the plot, not on it: a dozen measures would hide their own points.
+            self.eval_axes.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), fontsize="xx-small", ncols=2,
+                                  framealpha=0.6,
                                   facecolor=self.eval_axes.get_facecolor(),
                                   labelcolor=self.eval_axes.xaxis.label.get_color())
         self.eval_axes.relim()

@@ -179,3 +179,28 @@ def test_log_tail_reads_the_end_and_keeps_the_last_redraw(tmp_path):
     path.write_text("".join(f"line {i}\n" for i in range(5000)) + "bar 10%\rbar 50%\rbar 90%\n")
     assert tail_lines(path, 3, block=64) == ["line 4998", "line 4999", "bar 90%"]
     assert tail_lines(tmp_path / "missing", 3) == []
+
+
+def test_a_run_started_outside_napari_is_watched_from_its_folder_and_not_cancelled(tmp_path):
+    """`mammodino pretrain` in a shell or on a cluster writes no job.json: its metrics and checkpoint
+    are enough to watch it; stopping it is for where it runs."""
+    from training.cli import main
+
+    run = tmp_path / "shell_run"
+    samples = Path(__file__).resolve().parents[1] / "sample_data" / "labels.csv"
+    assert main(["pretrain", "--config", "cpu-tiny", "--data", str(samples), "--out", str(run), "--max-steps", "2",
+                 "--set", "train.batch_size=4", "--set", "train.num_workers=0", "--set", "train.log_every=1",
+                 "--set", "train.checkpoint_every=1", "--no-cache", "--quiet"]) == 0
+    job = Job.attach(run)
+    assert job.observed and job.kind == "pretrain" and job.total == 2 and "--max-steps" in job.command
+    assert job.status() == "finished" and job.progress().done == 2
+    assert job.latest_checkpoint() == run / "checkpoints" / "last.safetensors"
+    # the same folder, still writing and short of its end: running, and a cancel says where to stop it
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text(lines[0] + "\n")
+    job = Job.attach(run)
+    assert job.status() == "running"
+    with pytest.raises(MammoInputError, match="outside napari"):
+        job.cancel()
+    with pytest.raises(MammoInputError, match="no metrics.jsonl"):
+        Job.attach(tmp_path)

@@ -62,6 +62,21 @@ def test_every_tissue_aware_crop_meets_the_threshold_or_is_a_counted_fallback():
     assert n_crops == 12 * (2 + 4)
 
 
+def test_local_crops_can_be_held_to_a_stricter_tissue_share_than_global_ones():
+    image, tissue = breast()
+    strict = MultiCropSampler(replace(SMALL, local_min_tissue=0.9))
+    shares = {"global": [], "local": []}
+    for seed in range(12):
+        for crop in strict.sample(image, tissue, seed).record()["crops"]:
+            if not crop["fallback"]:
+                shares[crop["kind"]].append(crop["tissue_fraction"])
+    assert len(shares["local"]) >= 40 and min(shares["local"]) >= 0.9
+    assert min(shares["global"]) >= 0.5 and min(shares["global"]) < 0.9  # the globals keep air at the edge
+    # unset, the locals follow min_tissue and the draws are those of the default sampler
+    same = MultiCropSampler(replace(SMALL, local_min_tissue=None)).sample(image, tissue, 3).record()
+    assert same == MultiCropSampler(SMALL).sample(image, tissue, 3).record()
+
+
 def test_masked_patches_are_all_on_tissue_and_half_the_globals_are_masked():
     image, tissue = breast(radius=(0.35, 0.4))
     sampler = MultiCropSampler(SMALL)

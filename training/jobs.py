@@ -39,6 +39,7 @@ from .errors import MammoInputError
 KINDS = ("pretrain", "finetune")
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
 JOB_FILE, LOG_FILE, EXIT_FILE, CANCEL_FILE = "job.json", "job.log", "job.exit", "job.cancel"
+OBSERVED_QUIET_S = 600  # a run started elsewhere counts as running while it wrote metrics this recently
 METRICS_FILE = "metrics.jsonl"
 # Loss terms in the order a plot should list them (pretrain logs "total", finetune "loss"/"val_loss").
 LOSS_ORDER = ("total", "loss", "val_loss", "dino", "ibot", "koleo", "dbt")
@@ -330,17 +331,33 @@ class Job:
 
     @classmethod
     def attach(cls, run_dir: str | Path) -> "Job":
-        """The job whose folder is ``run_dir`` (running or ended), from its ``job.json``."""
+        """The job whose folder is ``run_dir`` (running or ended), from its ``job.json``; a pretraining run
+        started elsewhere (``mammodino pretrain`` in a shell, a cluster job) is watched from its
+        metrics.jsonl and checkpoint alone (:attr:`observed`: it can be watched, not cancelled)."""
         run_dir = Path(run_dir).expanduser().resolve()  # as launch() wrote it into the wrapper's command
         info = _read_json(run_dir / JOB_FILE)
+        if info is None and (run_dir / METRICS_FILE).is_file():
+            return cls(run_dir, _observed_info(run_dir))
         if info is None or not {"kind", "pid", "command"} <= set(info):
-            raise MammoInputError(f"{run_dir} holds no job (job.json): start one there, or pick the folder "
-                                  f"of a job started from the jobs widget or training.jobs.launch")
+            raise MammoInputError(f"{run_dir} holds no job (job.json) and no metrics.jsonl: start one there, or "
+                                  f"pick a run folder")
         return cls(run_dir, info)
+
+    @property
+    def observed(self) -> bool:
+        """A run this machine did not start (no job.json): its process is unknown."""
+        return bool(self.info.get("observed"))
 
     # -- state --
 
     def _alive(self) -> bool:
+        if self.observed:  # no process to ask: a run that wrote a line lately and has not reached its end
+            try:
+                recent = time.time() - (self.run_dir / METRICS_FILE).stat().st_mtime < OBSERVED_QUIET_S
+            except OSError:
+                return False
+            total = self.total
+            return recent and not (total and self._done(self.metrics()) >= total)
         process = _CHILDREN.get((self.pid, str(self.run_dir)))
         if process is not None:
             return process.poll() is None
@@ -382,6 +399,9 @@ class Job:
         SIGTERM with a checkpoint) or ``failed`` (any other exit, or gone without an exit status)."""
         if self._exit_info() is None and self._alive():
             return RUNNING
+        if self.observed:  # ended, or quiet for long: finished when it reached its last step
+            progress = self.progress()
+            return FINISHED if progress.fraction is not None and progress.fraction >= 1 else CANCELLED
         code = self.returncode
         if code == 0:
             if not self.cancel_requested:
@@ -492,6 +512,9 @@ class Job:
         Returns False when the job had already ended."""
         if self.status() != RUNNING:
             return False
+        if self.observed:
+            raise MammoInputError(f"{self.run_dir} was started outside napari: stop it where it runs (SIGTERM "
+                                  f"saves a checkpoint)")
         (self.run_dir / CANCEL_FILE).write_text(json.dumps({"time": time.time(), "force": force}), encoding="utf-8")
         try:
             if force:
@@ -501,6 +524,27 @@ class Job:
         except ProcessLookupError:
             return False
         return True
+
+
+def _observed_info(run_dir: Path) -> dict[str, Any]:
+    """What a run folder without job.json says about its job: the command, total steps and batch size
+    from its newest checkpoint's metadata (a run not yet at its first checkpoint: none known)."""
+    from .checkpoint import read_metadata
+
+    last = run_dir / "checkpoints" / "last.safetensors"
+    meta: dict[str, Any] = {}
+    if last.is_file():
+        try:
+            meta = read_metadata(last)
+        except MammoInputError:
+            meta = {}
+    config = meta.get("config") or {}
+    command = [str(part) for part in meta.get("command") or ["mammodino", "pretrain"]]
+    total = (config.get("schedule") or {}).get("total_steps")
+    if "--max-steps" in command[:-1]:
+        total = int(command[command.index("--max-steps") + 1])
+    return {"kind": "pretrain", "pid": 0, "command": command, "total": total, "observed": True,
+            "batch_size": (config.get("train") or {}).get("batch_size"), "args": command[2:]}
 
 
 def launch(kind: str, args: Mapping[str, Any] | Sequence[str], run_dir: str | Path) -> Job:

@@ -121,6 +121,7 @@ class SamplerConfig:
     local_scale: tuple[float, float] = (0.05, 0.32)
     aspect: tuple[float, float] = (3 / 4, 4 / 3)         # torchvision RandomResizedCrop ratio
     min_tissue: float = 0.5                              # a crop's tissue fraction must reach this
+    local_min_tissue: float | None = None                # the same for local crops (None: min_tissue)
     max_tries: int = 20                                  # candidates per crop before the fallback
     region: str = "tissue"                               # "tissue" (bounding box) or "image"
     patch_size: int = 14
@@ -156,6 +157,8 @@ class SamplerConfig:
         for name in ("min_tissue", "patch_min_tissue", "mask_probability", "max_block_fraction"):
             if not 0 <= getattr(self, name) <= 1:
                 problems.append(f"{name} must be in [0, 1]")
+        if self.local_min_tissue is not None and not 0 <= self.local_min_tissue <= 1:
+            problems.append("local_min_tissue must be in [0, 1] (or null: min_tissue)")
         if self.region not in ("tissue", "image"):
             problems.append(f"region must be 'tissue' or 'image', not {self.region!r}")
         lo, hi = self.intensity_percentiles
@@ -375,11 +378,12 @@ class MultiCropSampler:
         lo, hi = _intensity_range(images[0], tissues[0], region, cfg.intensity_percentiles)
 
         # Geometry (boxes with the rejection rule, flips), shared by the slices of a pair.
-        specs = [("global", cfg.global_size, cfg.global_scale)] * cfg.n_global \
-            + [("local", cfg.local_size, cfg.local_scale)] * cfg.n_local
+        local_min = cfg.min_tissue if cfg.local_min_tissue is None else cfg.local_min_tissue
+        specs = [("global", cfg.global_size, cfg.global_scale, cfg.min_tissue)] * cfg.n_global \
+            + [("local", cfg.local_size, cfg.local_scale, local_min)] * cfg.n_local
         geometry = []
-        for kind, size, scale in specs:
-            box, fractions, fallback = self._choose_box(region, scale, tissues, box_rng)
+        for kind, size, scale, min_tissue in specs:
+            box, fractions, fallback = self._choose_box(region, scale, tissues, box_rng, min_tissue)
             aug = cfg.augment
             vflip = bool(aug is not None and aug_rng.random() < aug.vflip)
             hflip = bool(aug is not None and aug_rng.random() < aug.hflip)
@@ -442,8 +446,9 @@ class MultiCropSampler:
         return masks, patch_tissue, ratios
 
     def _choose_box(self, region: Box, scale: tuple[float, float], tissues: list[np.ndarray],
-                    rng: np.random.Generator) -> tuple[Box, list[float], bool]:
-        """Bounded rejection sampling of one crop box; returns (box, per-slice fractions, fallback)."""
+                    rng: np.random.Generator, min_tissue: float) -> tuple[Box, list[float], bool]:
+        """Bounded rejection sampling of one crop box whose tissue fraction reaches ``min_tissue``;
+        returns (box, per-slice fractions, fallback)."""
         cfg = self.config
         if not self.tissue_aware:
             box = random_resized_box(region, scale, cfg.aspect, rng)
@@ -452,7 +457,7 @@ class MultiCropSampler:
         for _ in range(cfg.max_tries):
             box = random_resized_box(region, scale, cfg.aspect, rng)
             fractions = [_fraction(t, box) for t in tissues]
-            if min(fractions) >= cfg.min_tissue:
+            if min(fractions) >= min_tissue:
                 return box, fractions, False
             if best is None or min(fractions) > best[0]:
                 best = (min(fractions), box, fractions)
