@@ -77,6 +77,24 @@ def test_local_crops_can_be_held_to_a_stricter_tissue_share_than_global_ones():
     assert same == MultiCropSampler(SMALL).sample(image, tissue, 3).record()
 
 
+def test_global_crops_can_range_over_the_whole_image_while_locals_and_masks_stay_on_tissue():
+    image, tissue = breast(radius=(0.3, 0.35))  # a small breast: most of the image is air
+    wide = MultiCropSampler(replace(SMALL, global_region="image", min_tissue=0.0, local_min_tissue=0.9))
+    globals_, locals_ = [], []
+    for seed in range(16):
+        sample = wide.sample(image, tissue, seed)
+        for crop in sample.crops:
+            (globals_ if crop.kind == "global" else locals_).append(crop)
+            if crop.kind == "global" and crop.patch_mask is not None and crop.patch_mask.any():
+                assert (crop.patch_tissue[crop.patch_mask] >= SMALL.patch_min_tissue).all()
+    assert min(c.tissue_fraction for c in globals_) < 0.5  # globals see air...
+    assert all(c.tissue_fraction >= 0.9 for c in locals_ if not c.fallback)  # ...locals do not
+    assert all(c.pixels.shape == (SMALL.global_size,) * 2 for c in globals_)
+    tight = [c.tissue_fraction for seed in range(16) for c in MultiCropSampler(SMALL).sample(image, tissue, seed).crops
+             if c.kind == "global"]
+    assert np.mean([c.tissue_fraction for c in globals_]) < np.mean(tight)
+
+
 def test_masked_patches_are_all_on_tissue_and_half_the_globals_are_masked():
     image, tissue = breast(radius=(0.35, 0.4))
     sampler = MultiCropSampler(SMALL)

@@ -59,19 +59,38 @@ def subset(csv_path: Path, out: Path, keep) -> Path:
     return out
 
 
+def probe_rows(csv_path: Path, target: str, out: Path) -> tuple[Path, list[str]]:
+    """``csv_path`` without the rows of ``target`` classes seen in fewer than two patients (a grouped
+    cross-validation cannot hold them out; e.g. density D in a small phantom benchmark), and those classes."""
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        rows = [row for row in csv.DictReader(f) if row.get(target, "").strip()]
+    patients: dict[str, set[str]] = {}
+    for row in rows:
+        patients.setdefault(row[target], set()).add(row.get("patient_id", row["path"]))
+    rare = sorted(value for value, who in patients.items() if len(who) < 2)
+    if not rare:
+        return csv_path, []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return subset(csv_path, out, lambda row: row.get(target, "").strip() not in rare), rare
+
+
 def probes(spec: Any, csv_path: Path, targets: dict[str, str], cache: Path, boot: int) -> dict[str, Any]:
     """``{key: metric}`` of linear probes of ``spec`` for each ``{target: prefix}``."""
     from .probe import run_probe
 
     out: dict[str, Any] = {}
     for target, prefix in targets.items():
+        labelled, rare = probe_rows(csv_path, target, cache.parent / f"{csv_path.stem}.{target}.csv")
+        if rare:
+            out[f"{prefix}_left_out"] = rare
         try:
-            report = run_probe(csv_path, target, checkpoint=spec, group="patient_id", resolution=RESOLUTION,
+            report = run_probe(labelled, target, checkpoint=spec, group="patient_id", resolution=RESOLUTION,
                                cache=cache, progress=False, n_boot=boot)
         except MammoInputError as exc:  # too few patients per class (a smoke run's corpus): say so, go on
             out[f"{prefix}_error"] = str(exc)
             continue
         out[f"{prefix}_bal_acc"] = report["balanced_accuracy"]
+        out[f"{prefix}_bal_acc_chance"] = report["chance"]["balanced_accuracy"]  # 1 / the classes probed
         out[f"{prefix}_auroc"] = report["auroc"]
         out[f"{prefix}_n"] = report["n"]
     return out
@@ -111,4 +130,4 @@ def measures(spec: Any, corpus: Path, work: Path, boot: int = 1000, max_images: 
 def chance_levels(figures: dict[str, Any]) -> dict[str, Any]:
     """Chance of every figure: the measured chance levels the curve reports, and the fixed ones."""
     chance = {k[: -len("_chance")]: v for k, v in figures.items() if k.endswith("_chance")}
-    return {**chance, **CHANCE}
+    return {**CHANCE, **chance}  # a measured chance level (e.g. of the classes probed) wins

@@ -128,6 +128,10 @@ def model_card(meta: dict[str, Any], path: str | Path) -> str:
               "| measure | this encoder | random init | chance |", "|---|---|---|---|"]
     for label, trained, random, chance in evaluation_rows(evaluation):
         lines.append(f"| {label} | {_num(trained)} | {_num(random)} | {_num(chance)} |")
+    left_out = {k[: -len("_left_out")]: v for k, v in evaluation["trained"].items() if k.endswith("_left_out")}
+    if left_out:
+        lines += ["", "Probes leave out classes seen in fewer than two patients (a patient-grouped cross-validation "
+                      "cannot hold them out): " + "; ".join(f"{k}: {', '.join(v)}" for k, v in left_out.items()) + "."]
     lines += ["", "**Targets** (issue 12 of this project):", "", "| target | goal | measured | met |", "|---|---|---|---|"]
     for label, want, seen, met in targets(evaluation):
         lines.append(f"| {label} | {want} | {seen} | {'n/a' if met is None else ('yes' if met else 'no')} |")

@@ -124,6 +124,7 @@ class SamplerConfig:
     local_min_tissue: float | None = None                # the same for local crops (None: min_tissue)
     max_tries: int = 20                                  # candidates per crop before the fallback
     region: str = "tissue"                               # "tissue" (bounding box) or "image"
+    global_region: str | None = None                     # where global crops lie (None: region)
     patch_size: int = 14
     mask_probability: float = 0.5
     mask_ratio: tuple[float, float] = (0.1, 0.5)
@@ -161,6 +162,8 @@ class SamplerConfig:
             problems.append("local_min_tissue must be in [0, 1] (or null: min_tissue)")
         if self.region not in ("tissue", "image"):
             problems.append(f"region must be 'tissue' or 'image', not {self.region!r}")
+        if self.global_region not in (None, "tissue", "image"):
+            problems.append(f"global_region must be 'tissue', 'image' or null, not {self.global_region!r}")
         lo, hi = self.intensity_percentiles
         if not 0 <= lo < hi <= 100:
             problems.append("intensity_percentiles must be (low, high) with 0 <= low < high <= 100")
@@ -376,14 +379,18 @@ class MultiCropSampler:
         region = self._region(tissues, shape, pair)
         # one intensity window for both slices of a pair, so that they stay comparable
         lo, hi = _intensity_range(images[0], tissues[0], region, cfg.intensity_percentiles)
+        # Global crops over the whole image (air, film labels and all) while locals stay on tissue: the
+        # student must then match air-free local views from views full of air, and learns to ignore it.
+        wide = self.tissue_aware and cfg.global_region == "image"
+        global_region = (0, 0, int(shape[0]), int(shape[1])) if wide else region
 
         # Geometry (boxes with the rejection rule, flips), shared by the slices of a pair.
         local_min = cfg.min_tissue if cfg.local_min_tissue is None else cfg.local_min_tissue
-        specs = [("global", cfg.global_size, cfg.global_scale, cfg.min_tissue)] * cfg.n_global \
-            + [("local", cfg.local_size, cfg.local_scale, local_min)] * cfg.n_local
+        specs = [("global", cfg.global_size, cfg.global_scale, cfg.min_tissue, global_region)] * cfg.n_global \
+            + [("local", cfg.local_size, cfg.local_scale, local_min, region)] * cfg.n_local
         geometry = []
-        for kind, size, scale, min_tissue in specs:
-            box, fractions, fallback = self._choose_box(region, scale, tissues, box_rng, min_tissue)
+        for kind, size, scale, min_tissue, where in specs:
+            box, fractions, fallback = self._choose_box(where, scale, tissues, box_rng, min_tissue)
             aug = cfg.augment
             vflip = bool(aug is not None and aug_rng.random() < aug.vflip)
             hflip = bool(aug is not None and aug_rng.random() < aug.hflip)
@@ -393,7 +400,7 @@ class MultiCropSampler:
         # Pixels: one pyramid per slice; photometric augmentations drawn per slice.
         crops: list[Crop] = []
         for s, (image, slice_index) in enumerate(zip(images, list(pair) if pair else [None])):
-            pyramid = _Pyramid(image, region)
+            pyramid = _Pyramid(image, global_region if wide else region)
             for n, (kind, size, box, fractions, fallback, vflip, hflip) in enumerate(geometry):
                 pixels = _flip(pyramid.resample(box, size, lo, hi), vflip, hflip)
                 if cfg.augment is not None:
