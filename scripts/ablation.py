@@ -4,7 +4,7 @@
     .venv/bin/python scripts/ablation.py --work runs/ablation --stages eval   # re-evaluate only
 
 Same data, model and budget for every arm: the ``cpu-small`` recipe's first stage (ViT-tiny/16, 6 blocks,
-4 registers) for ``--steps`` steps of 16 images (default 1500, the schedule compressed to that length) on
+4 registers) for ``--steps`` steps of 16 images (default 1000, the schedule compressed to that length) on
 the corpus's pretraining split (``mammodino corpus``: the real pretraining films plus simulated FFDM and
 DBT phantoms):
   (a) random init                  the same network with the weights every arm starts from
@@ -49,7 +49,9 @@ COLUMNS = (  # (key, header): the table's figures
     ("phantom_lesion_auroc", "lesion AUROC (phantoms)"),
     ("phantom_lesion_patch_auroc", "lesion patch AUROC (phantoms)"),
     ("phantom_view_topk", "same-breast view top-5 (phantoms)"),
+    ("real_view_mean_rank", "same-breast view: partner's mean rank (real; lower is better)"),
     ("cbis_attention_ratio", "attention in tissue / uniform (CBIS)"),
+    ("heldout_attention_ratio", "attention in tissue / uniform (real held-out)"),
 )
 
 
@@ -133,7 +135,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="folder for runs and results")
     parser.add_argument("--corpus", type=Path, help="a mammodino corpus folder (default: WORK/corpus, built if absent)")
-    parser.add_argument("--steps", type=int, default=1500, help="pretraining steps per arm")
+    parser.add_argument("--steps", type=int, default=1000, help="pretraining steps per arm")
     parser.add_argument("--stages", default="corpus,train,eval", help="comma-separated: corpus, train, eval")
     args = parser.parse_args()
     work = args.work.resolve()

@@ -151,7 +151,8 @@ def main() -> None:
         "evaluation": {"resolution": RESOLUTION, "trained": trained, "random_init": random, "chance": chance,
                        "labels": LABELS, "random_spec": "the same network with random weights (seed 0): exactly the weights pretraining started from",
                        "protocol": "linear probes: patient-grouped 5-fold logistic regression with bootstrap 95% "
-                                   "intervals; retrieval, attention and lesion patch AUROC: training.learning_curve"},
+                                   "intervals; retrieval, attention and lesion patch AUROC: training.learning_curve, "
+                                   "attention and lesion patch AUROC with bootstrap 95% intervals over images"},
         "limitations": [
             "The real data are 84 films and low-energy views (DDSM, CBIS-DDSM, CDD-CESM, one NEMA film); the "
             "held-out DDSM split is 33 images, so its intervals are wide.",

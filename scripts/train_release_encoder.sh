@@ -3,6 +3,7 @@
 #
 #   bash scripts/train_release_encoder.sh                      # --recipe release: ViT-S/16 on one H100/H200
 #   bash scripts/train_release_encoder.sh --recipe cpu-small   # the CPU recipe (about 2 hours on 2 cores)
+#   bash scripts/train_release_encoder.sh --recipe demo        # the shipped demo encoder (about 40 min on 2 cores)
 #   bash scripts/train_release_encoder.sh --recipe smoke       # a few steps on a tiny corpus (the tests run it)
 #
 # Options: --work DIR (default runs/<recipe>), --out FILE (default WORK/<name>.safetensors),
@@ -30,7 +31,7 @@ done
 
 PY=${PYTHON:-.venv/bin/python}
 cores=$(nproc)
-stage_args=() make_args=()
+stage_args=() stage1_args=() stage2_args=() make_args=()
 case "$recipe" in
   release)    # one H100/H200, 16 cores: ViT-S/16 in bf16, about 10 minutes in all
     config=vits16-release hires=vits16-release-hires name=mammodino-release
@@ -39,13 +40,22 @@ case "$recipe" in
   cpu-small)  # 2 CPU cores: ViT-tiny/16, 6 blocks
     config=cpu-small hires=cpu-small-hires name=mammodino-cpu-small
     corpus_args=(--phantoms 100 --dbt-phantoms 40 --bench-phantoms 60 --shape 512x416 --workers 1) ;;
+  demo)       # the shipped demo: the ablation's arm (b), cpu-small's network and crops placed as plain DINOv2
+              # does (it learned to attend to tissue on this budget), 1000 steps; then 400 of the 800
+              # high-resolution steps (where the run that became the demo was stopped)
+    config=cpu-small hires=cpu-small-hires name=mammodino-demo
+    corpus_args=(--phantoms 100 --dbt-phantoms 40 --bench-phantoms 60 --shape 512x416 --workers 1)
+    stage_args=(--set loss.dbt_weight=0 --set train.naive_sampler=true)
+    stage1_args=(--set schedule.total_steps=1000 --set schedule.warmup_steps=60
+                 --set schedule.freeze_last_layer_steps=20 --set monitor.every=200)
+    stage2_args=(--max-steps 400 --set monitor.every=100) ;;
   smoke)      # the whole pipeline in a few minutes of CPU; the numbers mean nothing
     config=cpu-small hires=cpu-small-hires name=mammodino-smoke
     corpus_args=(--phantoms 12 --dbt-phantoms 1 --bench-phantoms 8 --shape 128x104 --workers 1)
     stage_args=(--max-steps 2 --set train.batch_size=4 --set train.num_workers=0 --set monitor.every=2
                 --set monitor.max_images=16 --set train.checkpoint_every=2)
     make_args=(--boot 20 --epochs 2 --max-images 16) ;;
-  *) echo "train_release_encoder.sh: --recipe must be release, cpu-small or smoke, not $recipe" >&2; exit 2 ;;
+  *) echo "train_release_encoder.sh: --recipe must be release, cpu-small, demo or smoke, not $recipe" >&2; exit 2 ;;
 esac
 work=${work:-runs/$recipe}
 out=${out:-$work/$name.safetensors}
@@ -68,11 +78,11 @@ train() {  # train OUT ARGS...: a new run, or the same run resumed where it stop
     "${monitor[@]}" "${stage_args[@]}" "${resume[@]}" "$@" --quiet --json > "$run.report.json"
 }
 log "3/5 pretraining, $config -> $work/stage1"
-train "$work/stage1" --config "$config"
+train "$work/stage1" --config "$config" "${stage1_args[@]}"
 log "4/5 high-resolution stage, $hires -> $work/stage2"
 from=(--from "$work/stage1")
 [ -f "$work/stage2/checkpoints/last.safetensors" ] && from=()
-train "$work/stage2" --config "$hires" "${from[@]}"
+train "$work/stage2" --config "$hires" "${stage2_args[@]}" "${from[@]}"
 
 hours=$(awk -v s="$started" -v e="$(date +%s)" 'BEGIN { printf "%.3f", (e - s) / 3600 }')
 log "5/5 encoder, evaluation and model card -> $out"

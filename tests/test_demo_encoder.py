@@ -30,7 +30,7 @@ def test_demo_file_is_small_fp16_with_its_provenance(meta):
     assert {entry["dtype"] for name, entry in header.items() if name != "__metadata__"} == {"F16"}
     training = meta["training"]
     first, second = training["stages"]
-    assert "pretrain" in first["command"] and first["steps"] > 1000
+    assert "pretrain" in first["command"] and first["steps"] >= 1000
     assert second["init_from"]["step"] == first["steps"]  # the high-resolution stage continued the first
     assert second["config"]["sampler"]["global_size"] > first["config"]["sampler"]["global_size"]
     assert training["config"]["model"] == meta["model"]
@@ -79,4 +79,4 @@ def test_demo_maps_are_fine_and_favour_the_breast_on_a_real_exam(demo, cbis_case
     assert np.mean(ratios) > RATIO_FLOOR
 
 
-RATIO_FLOOR = 1.0  # set from the shipped encoder's measured figure (see the model card)
+RATIO_FLOOR = 1.25  # measured 1.334 on this exam (the model card: 1.330 over both CBIS exams); uniform is 1

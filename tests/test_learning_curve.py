@@ -119,6 +119,10 @@ def test_uniform_attention_scores_one_and_attention_only_on_tissue_scores_one_ov
     on_tissue = Output(np.zeros(4), np.zeros((4, 4, 4)), attention=np.stack([tissue / tissue.sum()] * 2))
     assert attention_share([uniform], [prepared]) == {"attention_in_tissue": 0.5, "tissue_share": 0.5, "ratio": 1.0}
     assert attention_share([on_tissue], [prepared])["ratio"] == pytest.approx(2.0)
+    # The benchmark's interval over images spans the images' ratios: all uniform -> [1, 1]; mixed -> [1, 2].
+    assert attention_share([uniform] * 3, [prepared] * 3, boot=200)["ratio_ci95"] == [1.0, 1.0]
+    low, high = attention_share([uniform, on_tissue] * 4, [prepared] * 8, boot=500)["ratio_ci95"]
+    assert 1.0 <= low < 1.5 < high <= 2.0
 
 
 # --- the measures of an encoder ---------------------------------------------------------------------

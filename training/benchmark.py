@@ -21,7 +21,7 @@ RESOLUTION = 448  # 28 patches of 16 px on the long side: the finer maps the hig
 CHANCE = {"phantom_density_bal_acc": 0.25, "real_density_bal_acc": 0.25, "phantom_density_auroc": 0.5,
           "phantom_lesion_auroc": 0.5, "phantom_lesion_type_auroc": 0.5, "phantom_lesion_patch_auroc": 0.5,
           "real_density_auroc": 0.5, "real_abnormal_auroc": 0.5, "cbis_attention_ratio": 1.0,
-          "real_attention_ratio": 1.0, "phantom_attention_ratio": 1.0}
+          "real_attention_ratio": 1.0, "phantom_attention_ratio": 1.0, "heldout_attention_ratio": 1.0}
 LABELS = {  # evaluation key -> what the card calls it
     "phantom_density_bal_acc": "density balanced accuracy, phantom benchmark",
     "phantom_density_auroc": "density AUROC (macro), phantom benchmark",
@@ -33,10 +33,13 @@ LABELS = {  # evaluation key -> what the card calls it
     "real_abnormal_auroc": "normal vs abnormal AUROC, real held-out DDSM",
     "real_view_top1": "same-breast view retrieval top-1, real views",
     "real_view_topk": "same-breast view retrieval top-k, real views",
+    "real_view_mean_rank": "same-breast view: the partner's mean rank, real views (lower is better)",
     "phantom_view_top1": "same-breast view retrieval top-1, phantom benchmark",
     "phantom_view_topk": "same-breast view retrieval top-k, phantom benchmark",
+    "phantom_view_mean_rank": "same-breast view: the partner's mean rank, phantom benchmark (lower is better)",
     "cbis_attention_ratio": "attention in tissue / uniform share, real CBIS-DDSM views",
     "real_attention_ratio": "attention in tissue / uniform share, all real views",
+    "heldout_attention_ratio": "attention in tissue / uniform share, real held-out views (never pretrained on)",
     "phantom_attention_ratio": "attention in tissue / uniform share, phantom benchmark",
 }
 
@@ -112,19 +115,31 @@ def measures(spec: Any, corpus: Path, work: Path, boot: int = 1000, max_images: 
     out.update(probes(spec, corpus / "bench.csv", {"density": "phantom_density", "lesion": "phantom_lesion",
                                                    "lesion_type": "phantom_lesion_type"}, cache, boot))
     out.update(probes(spec, heldout, {"density": "real_density", "abnormal": "real_abnormal"}, cache, boot))
-    curve = curve_measures(encoder, corpus / "real.csv", corpus / "bench.csv", RESOLUTION, max_images=max_images)
+    curve = curve_measures(encoder, corpus / "real.csv", corpus / "bench.csv", RESOLUTION, max_images=max_images,
+                           boot=boot)
     e = curve["eval"]
-    for key in ("real_view_top1", "real_view_topk", "phantom_view_top1", "phantom_view_topk",
-                "phantom_lesion_patch_auroc"):
+    for key in ("real_view_top1", "real_view_topk", "real_view_mean_rank", "phantom_view_top1",
+                "phantom_view_topk", "phantom_view_mean_rank", "phantom_lesion_patch_auroc"):
         out[key] = e.get(key)
         out[f"{key}_chance"] = e.get(f"{key}_chance")
-    out["real_attention_ratio"] = e.get("attention_ratio_real")
-    out["phantom_attention_ratio"] = e.get("attention_ratio_phantom")
-    only_cbis = curve_measures(encoder, cbis, None, RESOLUTION, max_images=max_images)["eval"]
-    out["cbis_attention_ratio"] = only_cbis.get("attention_ratio_real")
+    for prefix in ("real_view", "phantom_view"):
+        out[f"{prefix}_queries"] = e.get(f"{prefix}_queries")
+    out["phantom_lesion_patch_auroc"] = with_ci(e, "phantom_lesion_patch_auroc")
+    out["real_attention_ratio"] = with_ci(e, "attention_ratio_real")
+    out["phantom_attention_ratio"] = with_ci(e, "attention_ratio_phantom")
+    only_cbis = curve_measures(encoder, cbis, None, RESOLUTION, max_images=max_images, boot=boot)["eval"]
+    out["cbis_attention_ratio"] = with_ci(only_cbis, "attention_ratio_real")
+    unseen = curve_measures(encoder, corpus / "heldout.csv", None, RESOLUTION, max_images=max_images, boot=boot)["eval"]
+    out["heldout_attention_ratio"] = with_ci(unseen, "attention_ratio_real")
     out["cbis_attention_in_tissue"] = only_cbis.get("attention_in_tissue_real")
     out["cbis_tissue_share"] = only_cbis.get("tissue_share_real")
     return out
+
+
+def with_ci(measures: dict[str, Any], key: str) -> Any:
+    """``measures[key]`` as ``{"value", "ci95"}`` when its bootstrap interval was measured, else as is."""
+    ci = measures.get(f"{key}_ci95")
+    return measures.get(key) if ci is None or measures.get(key) is None else {"value": measures[key], "ci95": ci}
 
 
 def chance_levels(figures: dict[str, Any]) -> dict[str, Any]:

@@ -160,7 +160,7 @@ def file_stamps(files: Sequence[str]) -> list[list[Any]]:
     return stamps
 
 
-def file_digest(path: str) -> str:
+def file_digest(path: str | Path) -> str:
     """SHA-256 of a whole file (see the module notes for why not just its ends)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:

@@ -37,7 +37,6 @@ exactly and ends with the same weights as one without it.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import random
 import time
@@ -48,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from .cache import file_digest
 from .errors import MammoInputError
 
 if TYPE_CHECKING:  # torch loads with the first evaluation, not with the CLI's parser
@@ -139,7 +139,7 @@ class MonitorSet:
             notes.append(f"{name}: {count} of {len(images)} images used ({len(kept)} patients; "
                          f"monitor.max_images {max_images})")
             images = [im for im in images if im.patient in kept]
-        return cls(name, csv_path, _sha256(csv_path), images, len(rows), notes=notes)
+        return cls(name, csv_path, file_digest(csv_path), images, len(rows), notes=notes)
 
     def describe(self) -> dict[str, Any]:
         return {"path": str(self.csv.resolve()), "sha256": self.sha256, "rows": self.rows,
@@ -166,14 +166,6 @@ class MonitorSet:
                 image.targets = patch_targets(regions, image.prepared)[0]
         self.prepared_with = settings
         return time.perf_counter() - tick
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --- the measures ----------------------------------------------------------------------------------
@@ -227,9 +219,21 @@ def _comb_ratio(a: int, b: int, k: int) -> float:
     return math.comb(a, k) / math.comb(b, k) if a >= k else 0.0
 
 
-def attention_share(outputs: Sequence[Output], prepared: Sequence[Prepared]) -> dict[str, float | None]:
+def bootstrap_ci(n: int, statistic, boot: int, seed: int = 0) -> list[float] | None:
+    """Percentile 95% interval of ``statistic(indices)`` over ``boot`` resamplings (with replacement) of
+    ``n`` items; None when no draw gives a value (``statistic`` may return None)."""
+    rng = np.random.default_rng(seed)
+    values = [v for v in (statistic(rng.integers(0, n, n)) for _ in range(boot)) if v is not None]
+    if not values:
+        return None
+    low, high = np.percentile(values, [2.5, 97.5])
+    return [round(float(low), 4), round(float(high), 4)]
+
+
+def attention_share(outputs: Sequence[Output], prepared: Sequence[Prepared], boot: int = 0) -> dict[str, Any]:
     """Mean attention in tissue, mean tissue share (uniform attention) and mean of their per-image
-    ratio, as :func:`training.infer.result_of` defines them (last layer, mean over heads)."""
+    ratio, as :func:`training.infer.result_of` defines them (last layer, mean over heads); with ``boot``
+    draws also ``ratio_ci95``, a bootstrap interval over the images."""
     from .infer import attention_in_tissue
 
     inside, uniform, ratios = [], [], []
@@ -242,8 +246,12 @@ def attention_share(outputs: Sequence[Output], prepared: Sequence[Prepared]) -> 
             ratios.append(inside[-1] / share)
     if not inside:
         return {"attention_in_tissue": None, "tissue_share": None, "ratio": None}
-    return {"attention_in_tissue": float(np.mean(inside)), "tissue_share": float(np.mean(uniform)),
-            "ratio": float(np.mean(ratios)) if ratios else None}
+    share = {"attention_in_tissue": float(np.mean(inside)), "tissue_share": float(np.mean(uniform)),
+             "ratio": float(np.mean(ratios)) if ratios else None}
+    if boot and ratios:
+        ratios_ = np.asarray(ratios)
+        share["ratio_ci95"] = bootstrap_ci(len(ratios_), lambda idx: float(ratios_[idx].mean()), boot)
+    return share
 
 
 def phantom_probe(features: np.ndarray, images: Sequence[MonitorImage], target: str, seed: int = 0,
@@ -272,10 +280,11 @@ def phantom_probe(features: np.ndarray, images: Sequence[MonitorImage], target: 
             "bal_acc_chance": 1 / len(classes), "n": len(y)}, notes + [f"{target}: {n}" for n in fold_notes]
 
 
-def lesion_patch_auroc(outputs: Sequence[Output], images: Sequence[MonitorImage],
-                       seed: int = 0) -> tuple[float | None, list[str]]:
+def lesion_patch_auroc(outputs: Sequence[Output], images: Sequence[MonitorImage], seed: int = 0,
+                       boot: int = 0) -> tuple[float | None, list[float] | None, list[str]]:
     """Patch-level lesion AUROC of a linear patch head fitted on the patch tokens of one patient-grouped
-    part of the phantoms and scored on the other (:func:`training.localisation.patch_auroc`)."""
+    part of the phantoms and scored on the other (:func:`training.localisation.patch_auroc`), its
+    bootstrap 95% interval over the held-out images when ``boot`` > 0 (else None), and notes."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
@@ -286,11 +295,11 @@ def lesion_patch_auroc(outputs: Sequence[Output], images: Sequence[MonitorImage]
 
     usable = [i for i, im in enumerate(images) if im.targets is not None]
     if len(usable) < 2 or not any((images[i].targets == 1).any() for i in usable):
-        return None, ["lesion patch AUROC: no lesion masks with lesions"]
+        return None, None, ["lesion patch AUROC: no lesion masks with lesions"]
     strata = np.array([(images[i].row.get("lesion") or "0").strip() for i in usable])
     groups = [images[i].patient for i in usable]
     if len(set(groups)) < 2:
-        return None, ["lesion patch AUROC: one patient; a held-out split needs two"]
+        return None, None, ["lesion patch AUROC: one patient; a held-out split needs two"]
     train, val = grouped_split(strata, groups, PATCH_VAL_FRACTION, seed)
     train, val = [usable[i] for i in train], [usable[i] for i in val]
     rng = np.random.default_rng(seed)
@@ -302,7 +311,7 @@ def lesion_patch_auroc(outputs: Sequence[Output], images: Sequence[MonitorImage]
         ys.append(t[keep])
     x, y = np.concatenate(xs), np.concatenate(ys)
     if len(np.unique(y)) < 2:
-        return None, ["lesion patch AUROC: the training part holds no lesion patch"]
+        return None, None, ["lesion patch AUROC: the training part holds no lesion patch"]
     background = np.flatnonzero(y == 0)
     if len(background) > MAX_PATCHES:
         chosen = np.sort(np.concatenate([np.flatnonzero(y == 1), rng.choice(background, MAX_PATCHES, replace=False)]))
@@ -313,8 +322,13 @@ def lesion_patch_auroc(outputs: Sequence[Output], images: Sequence[MonitorImage]
         head.fit(x, y)
         maps = [head.decision_function(outputs[i].patches.reshape(-1, outputs[i].patches.shape[-1]))
                 .reshape(images[i].targets.shape) for i in val]
-    auroc = patch_auroc(maps, [images[i].targets for i in val], [images[i].prepared.tissue for i in val])
-    return auroc, [] if auroc is not None else ["lesion patch AUROC: the held-out part holds one kind of patch"]
+    targets, tissue = [images[i].targets for i in val], [images[i].prepared.tissue for i in val]
+    auroc = patch_auroc(maps, targets, tissue)
+    if auroc is None:
+        return None, None, ["lesion patch AUROC: the held-out part holds one kind of patch"]
+    ci = bootstrap_ci(len(val), lambda idx: patch_auroc([maps[i] for i in idx], [targets[i] for i in idx],
+                                                        [tissue[i] for i in idx]), boot) if boot else None
+    return auroc, ci, []
 
 
 # --- one evaluation --------------------------------------------------------------------------------
@@ -327,12 +341,14 @@ def run_outputs(encoder: Encoder, images: Sequence[MonitorImage]) -> list[Output
     return [by_index[i] for i in range(len(images))]
 
 
-def measure(encoder: Encoder, sets: Sequence[MonitorSet], k: int = DEFAULT_K, seed: int = 0) -> tuple[dict, list]:
+def measure(encoder: Encoder, sets: Sequence[MonitorSet], k: int = DEFAULT_K, seed: int = 0,
+            boot: int = 0) -> tuple[dict, list]:
     """The flat measures (JSON-ready: numbers or None) of ``encoder`` on prepared monitor ``sets`` and
     notes. Names: ``{real,phantom}_view_{top1,topk,mean_rank}`` (+ ``_chance``), ``..._queries``;
     ``attention_in_tissue_{set}``, ``tissue_share_{set}``, ``attention_ratio_{set}`` (+ ``_chance`` 1);
     ``phantom_{density,lesion,lesion_type}_auroc``, ``phantom_density_bal_acc`` (+ ``_chance``);
-    ``phantom_lesion_patch_auroc`` (+ ``_chance``)."""
+    ``phantom_lesion_patch_auroc`` (+ ``_chance``); with ``boot`` bootstrap draws also ``_ci95`` of the
+    attention ratios and the lesion patch AUROC (over images)."""
     result: dict[str, Any] = {"k": k}
     notes: list[str] = []
     for s in sets:
@@ -348,7 +364,9 @@ def measure(encoder: Encoder, sets: Sequence[MonitorSet], k: int = DEFAULT_K, se
             result[f"{s.name}_view_{key}"] = views[key]
             result[f"{s.name}_view_{key}_chance"] = views[f"{key}_chance"]
         result[f"{s.name}_view_queries"] = views["queries"]
-        share = attention_share(outputs, [im.prepared for im in s.images])
+        share = attention_share(outputs, [im.prepared for im in s.images], boot)
+        if "ratio_ci95" in share:
+            result[f"attention_ratio_{s.name}_ci95"] = share["ratio_ci95"]
         result[f"attention_in_tissue_{s.name}"] = share["attention_in_tissue"]
         result[f"tissue_share_{s.name}"] = share["tissue_share"]
         result[f"attention_ratio_{s.name}"] = share["ratio"]
@@ -369,7 +387,9 @@ def measure(encoder: Encoder, sets: Sequence[MonitorSet], k: int = DEFAULT_K, se
                 result[f"phantom_{target}_{key}"] = scores[key]
                 result[f"phantom_{target}_{key}_chance"] = scores[f"{key}_chance"]
         if "lesion_mask" in s.images[0].row:
-            auroc, patch_notes = lesion_patch_auroc(outputs, s.images, seed)
+            auroc, ci, patch_notes = lesion_patch_auroc(outputs, s.images, seed, boot)
+            if ci is not None:
+                result["phantom_lesion_patch_auroc_ci95"] = ci
             result["phantom_lesion_patch_auroc"] = auroc
             result["phantom_lesion_patch_auroc_chance"] = 0.5
             notes += patch_notes
@@ -398,6 +418,7 @@ class Monitor:
         self.resolution, self.k, self.every = int(resolution), int(k), int(every)
         self.percentiles = tuple(percentiles)
         self.max_images = max_images
+        self.boot = 0  # bootstrap draws for intervals (the benchmark's; a run's curve goes without)
 
     def due(self, step: int, end: int) -> bool:
         """Whether step ``step`` (completed steps) of a run ending at ``end`` is evaluated."""
@@ -424,7 +445,7 @@ class Monitor:
             with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
                 encoder = Encoder(backbone, resolution=self.resolution, percentiles=self.percentiles,
                                   source="teacher" if step is None else f"teacher, step {step}")
-                values, notes = measure(encoder, self.sets, self.k)
+                values, notes = measure(encoder, self.sets, self.k, boot=self.boot)
         finally:
             for module, mode in zip(backbone.modules(), was_training):
                 module.training = mode
@@ -436,18 +457,18 @@ class Monitor:
 
 def evaluate(encoder_or_spec: Encoder | str | Path | None, real_csv: str | Path | None = None,
              phantom_csv: str | Path | None = None, resolution: int = DEFAULT_RESOLUTION, k: int = DEFAULT_K,
-             max_images: int = DEFAULT_MAX_IMAGES, device: str | None = None) -> dict[str, Any]:
+             max_images: int = DEFAULT_MAX_IMAGES, device: str | None = None, boot: int = 0) -> dict[str, Any]:
     """The learning-curve measures of any encoder (an :class:`Encoder`, or a spec for
     :func:`training.encoder.load_encoder`: a checkpoint or run folder, ``random:cpu-tiny``, None for the
-    demo) on the real and phantom CSVs, as a pretraining run's eval line holds them, plus the encoder,
-    the inputs and the time taken."""
+    demo) on the real and phantom CSVs, as a pretraining run's eval line holds them (with ``boot``
+    bootstrap draws, also intervals), plus the encoder, the inputs and the time taken."""
     from .encoder import Encoder, load_encoder
     from .probe import resolve_device
 
     monitor = Monitor(real_csv, phantom_csv, resolution, k, max_images, options=("--real", "--phantom"))
     encoder = encoder_or_spec if isinstance(encoder_or_spec, Encoder) else \
         load_encoder(encoder_or_spec, resolve_device(device))
-    monitor.percentiles = encoder.percentiles
+    monitor.percentiles, monitor.boot = encoder.percentiles, boot
     report = monitor(encoder.backbone)
     return {**report, "encoder": {**encoder.describe(), "resolution": monitor.resolution},
             "inputs": monitor.inputs()}

@@ -65,6 +65,7 @@ import numpy as np
 import torch
 
 from . import distributed
+from .cache import file_digest
 from .checkpoint import (load_checkpoint, load_optimizer_state, optimizer_state, prefixed, provenance,
                          read_metadata, save_checkpoint, unprefixed)
 from .configs import PretrainConfig
@@ -179,12 +180,12 @@ def build_run(config: PretrainConfig, data: str | Path, out: str | Path, resume:
             state.update({"student." + k[len("teacher."):]: v for k, v in state.items() if k.startswith("teacher.")})
         model.load_state_dict(state)
         loss.load_state_dict(unprefixed("loss", tensors))
-        meta["init_from"] = {"path": str(start_from.resolve()), "sha256": _sha256(start_from),
+        meta["init_from"] = {"path": str(start_from.resolve()), "sha256": file_digest(start_from),
                              "step": earlier["step"], "config": earlier.get("config", {}).get("name"),
                              "command": earlier.get("command")}
     if init_weights is not None and not resume:
         report = model.load_backbone(init_weights)
-        meta["init_weights"] = {"path": str(Path(init_weights).resolve()), "sha256": _sha256(init_weights),
+        meta["init_weights"] = {"path": str(Path(init_weights).resolve()), "sha256": file_digest(init_weights),
                                 **report}
     run = Run(config, out, model, loss, optimizer, dataset, 0, meta)
     if resume:
@@ -248,16 +249,8 @@ def export_state(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = t
     info = {k: meta.get(k) for k in ("config", "model", "step", "data", "command", "git_commit", "init_from",
                                      "device", "created", "versions")}
     info["kind"] = "pretraining-state"
-    info["exported_from"] = {"path": str(path.resolve()), "sha256": _sha256(path)}
+    info["exported_from"] = {"path": str(path.resolve()), "sha256": file_digest(path)}
     return save_checkpoint(out, kept, info)
-
-
-def _sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _restore(run: Run, path: Path, init_weights: str | Path | None = None) -> None:

@@ -10,18 +10,15 @@ Presets (``training/configs/<name>.json``):
   targets and the student only learns to be uniform (teacher entropy log K = 6.931 for all of a
   60-step run on 240 phantoms); with 0.1 the targets depend on the image from step 1 (6.66 at step 60).
   DINOv2's 1e-5 suits its 125k-step runs; the other presets keep it.
-* ``cpu-small`` then ``cpu-small-hires``: the CPU recipe that learns (about 2 hours on 2 cores). ViT-tiny/16
-  with 6 blocks and 4 registers (Darcet et al. 2024: clean class-token attention), position embeddings
-  stored for 224 px; 5000 steps of 16 images with 2 x 96 px + 6 x 48 px crops, then a short
-  high-resolution stage (``mammodino pretrain --from STAGE1``: 300 steps at 192/80 px, as DINOv3 ends
-  its training) so that 448 px inputs (28 patches on the long side) give sound maps. What made it learn,
-  measured on phantoms + CBIS-DDSM at 16 images a step: with cpu-tiny's settings (Sinkhorn-Knopp,
-  1024 prototypes, layer scale 0.1, teacher temperature warming to 0.07) the teacher's targets went
-  uniform (DINO loss 6.92 = ln 1024 at step 500: mammogram crops look alike to a random network, class
-  tokens of different images start at cosine 0.90, and centring removes what they share); with no layer
-  scale (cosine 0.54 at start), 256 prototypes, a running-centre softmax and a constant teacher
-  temperature of 0.04 the targets sharpen at once (teacher entropy 3.8 of ln 256 = 5.55 at step 200)
-  and the features beat random weights after 150 steps.
+* ``cpu-small`` then ``cpu-small-hires``: the CPU recipe (about 2 hours on 2 cores). ViT-tiny/16 with
+  6 blocks and 4 registers (Darcet et al. 2024), position embeddings stored for 224 px; 5000 steps of
+  16 images with 2 x 96 px + 6 x 48 px crops, then a short high-resolution stage (``mammodino pretrain
+  --from STAGE1``: 800 steps at 192/80 px, as DINOv3 ends its training) so that 448 px inputs (28
+  patches on the long side) give sound maps. No layer scale, 256 prototypes, a running-centre softmax
+  and a constant teacher temperature of 0.04: with cpu-tiny's settings the teacher's targets went
+  uniform on mammograms (README, "Recipes that learn"). Photometric jitter is milder than DINOv2's,
+  because X-ray intensity carries density. The demo encoder is this network with the plain DINOv2
+  sampler (``scripts/train_release_encoder.sh --recipe demo``).
 * ``vits16-release`` then ``vits16-release-hires``: the same recipe for one H100/H200 (ViT-S/16, bf16,
   256 images a step, 14 data workers), ``scripts/train_release_encoder.sh``.
 * ``vits14``, ``vitb14``: ViT-S/14 and ViT-B/14 with DINOv2's defaults (heads, losses, schedules,
