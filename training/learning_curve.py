@@ -43,7 +43,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -219,7 +219,8 @@ def _comb_ratio(a: int, b: int, k: int) -> float:
     return math.comb(a, k) / math.comb(b, k) if a >= k else 0.0
 
 
-def bootstrap_ci(n: int, statistic, boot: int, seed: int = 0) -> list[float] | None:
+def bootstrap_ci(n: int, statistic: Callable[[np.ndarray], float | None], boot: int,
+                 seed: int = 0) -> list[float] | None:
     """Percentile 95% interval of ``statistic(indices)`` over ``boot`` resamplings (with replacement) of
     ``n`` items; None when no draw gives a value (``statistic`` may return None)."""
     rng = np.random.default_rng(seed)
@@ -249,8 +250,8 @@ def attention_share(outputs: Sequence[Output], prepared: Sequence[Prepared], boo
     share = {"attention_in_tissue": float(np.mean(inside)), "tissue_share": float(np.mean(uniform)),
              "ratio": float(np.mean(ratios)) if ratios else None}
     if boot and ratios:
-        ratios_ = np.asarray(ratios)
-        share["ratio_ci95"] = bootstrap_ci(len(ratios_), lambda idx: float(ratios_[idx].mean()), boot)
+        per_image = np.asarray(ratios)
+        share["ratio_ci95"] = bootstrap_ci(len(per_image), lambda idx: float(per_image[idx].mean()), boot)
     return share
 
 
