@@ -44,7 +44,7 @@ from training.finetune import FinetuneConfig, finetune  # noqa: E402
 from training.benchmark import LABELS, RESOLUTION, chance_levels, measures, subset  # noqa: E402
 from training.model_card import CURVE, model_card  # noqa: E402
 from training.pretrain import export_state  # noqa: E402
-from training.throughput import flops_per_image, mfu, peak_flops  # noqa: E402
+from training.throughput import flops_per_image, mfu, peak_flops_of  # noqa: E402
 
 HEADS = ("density", "lesion", "lesion_mask")
 
@@ -71,9 +71,7 @@ def throughput(stage: dict[str, Any], hardware: str | None) -> dict[str, Any]:
     waited = sum(r.get("data_wait_s", 0.0) for r in steady)
     spent = sum(r.get("step_s", 0.0) for r in steady)
     device = hardware or stage.get("device") or "unrecorded"
-    peak = None
-    if torch.cuda.is_available() and "cuda" in str(device):
-        peak = peak_flops("cuda", config.train.precision)
+    peak = peak_flops_of(str(device), config.train.precision)  # from the recorded name: MFU anywhere
     return {"device": device, "images_per_s": rate, "data_wait_share": waited / spent if spent else None,
             "flops_per_image": per_image, "model_tflops_per_s": per_image * rate / 1e12 if rate else None,
             "mfu": mfu(per_image, rate or 0.0, peak), "precision": config.train.precision}

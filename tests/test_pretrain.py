@@ -154,6 +154,24 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(labels, tmp_path):
     assert 1 <= meta["step"] < 1000
 
 
+def test_a_time_limit_ends_the_run_at_a_checkpoint_that_resumes(labels, tmp_path, capsys):
+    """A fixed wall-clock slot (a scheduler's allocation, a lent GPU): the run stops at a checkpoint, says
+    so in one line, and --resume continues it to the end."""
+    out = tmp_path / "run"
+    args = ["pretrain", "--config", "cpu-tiny", *sum((["--set", s] for s in MICRO), []),
+            "--set", "train.checkpoint_every=1000", "--data", str(labels), "--out", str(out), "--quiet"]
+    assert main([*args, "--max-steps", "8", "--time-limit", "0.001", "--json"]) == 0
+    captured = capsys.readouterr()
+    report = json.loads(captured.out)
+    assert report["time_limited"] and not report["terminated"] and report["step"] == 1
+    assert "--time-limit" in captured.err and "--resume" in captured.err
+    assert read_metadata(out / "checkpoints" / "last.safetensors")["step"] == 1
+    assert main([*args, "--max-steps", "3", "--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["step"] == 3
+    assert main([*args, "--max-steps", "3", "--time-limit", "0", "--resume"]) == 2
+    assert "--time-limit" in capsys.readouterr().err
+
+
 def test_sigterm_to_the_whole_job_with_data_workers_still_saves_a_checkpoint(labels, tmp_path):
     """A scheduler (scancel, systemd, pkill) signals every process of the job, DataLoader workers included."""
     out = tmp_path / "run"

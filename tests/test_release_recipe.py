@@ -75,3 +75,13 @@ def test_smoke_encoder_loads_with_its_card(smoke):
     assert "scripts/train_release_encoder.sh --recipe smoke" in card
     state = read_metadata(smoke / "mammodino-smoke-state.safetensors")  # what another machine continues from
     assert state["kind"] == "pretraining-state" and state["step"] == 2
+
+
+def test_mfu_is_worked_out_from_the_accelerator_a_run_recorded():
+    """A run trained on a lent GPU and evaluated elsewhere still gets its model-FLOPs utilisation."""
+    from training.throughput import mfu, peak_flops_of
+
+    assert peak_flops_of("cuda: NVIDIA H200", "bf16") == 989.4e12
+    assert peak_flops_of("cuda: NVIDIA H100 80GB HBM3", "fp32") == 67e12
+    assert peak_flops_of("cpu: x86_64, 2 cores", "bf16") is None
+    assert mfu(50e9, 1000.0, peak_flops_of("cuda: NVIDIA H200", "bf16")) == pytest.approx(50e12 / 989.4e12)

@@ -104,9 +104,10 @@ def measures(spec: Any, corpus: Path, work: Path, boot: int = 1000, max_images: 
     ``work`` holds the subset CSVs and the feature cache."""
     from .encoder import load_encoder
     from .learning_curve import evaluate as curve_measures
+    from .probe import resolve_device
 
     work.mkdir(parents=True, exist_ok=True)
-    encoder = load_encoder(spec)
+    encoder = load_encoder(spec, resolve_device(None))  # the GPU when there is one, as the probes use
     encoder.resolution = RESOLUTION
     heldout = subset(corpus / "heldout.csv", work / "heldout_ddsm.csv", lambda r: r["collection"] == "ddsm_tissue66")
     cbis = subset(corpus / "real.csv", work / "real_cbis.csv", lambda r: r["collection"] == "cbis_ddsm")

@@ -179,7 +179,7 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
                           command=_pretrain_command(args), progress=not args.quiet, device=args.device,
                           init_weights=args.init_weights, cache=False if args.no_cache else args.cache,
                           monitor_real=args.monitor_real, monitor_phantom=args.monitor_phantom,
-                          init_from=args.init_from)
+                          init_from=args.init_from, time_limit=args.time_limit)
     except TrainingStopped as exc:
         print(f"mammodino pretrain: stopped: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
@@ -188,6 +188,9 @@ def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
     if report["terminated"]:
         print(f"mammodino pretrain: SIGTERM: saved step {report['step']} to {report['checkpoint']}; "
               f"continue with --resume", file=sys.stderr)
+    elif report["time_limited"]:
+        print(f"mammodino pretrain: --time-limit {args.time_limit:g} s reached: saved step {report['step']} of "
+              f"{report['total_steps']} to {report['checkpoint']}; continue with --resume", file=sys.stderr)
     return report
 
 
@@ -210,6 +213,9 @@ def args_pretrain(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", action="append", metavar="KEY=VALUE",
                         help="override a setting, e.g. schedule.base_lr=1e-3 (repeatable)")
     parser.add_argument("--max-steps", type=int, help="stop after this step (default: schedule.total_steps)")
+    parser.add_argument("--time-limit", type=float, metavar="SECONDS",
+                        help="stop at a checkpoint once this many seconds have passed (a fixed wall-clock slot); "
+                             "--resume continues")
     parser.add_argument("--data", required=True, help="a folder of DICOM files or a labels CSV with a path column")
     parser.add_argument("--out", required=True, help="run folder: metrics.jsonl and checkpoints/")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")

@@ -581,13 +581,26 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
              resume: bool = False, command: Sequence[str] | None = None, progress: bool = True,
              guard: Guard = Guard(), device: str = "auto", init_weights: str | Path | None = None,
              cache: str | Path | bool | None = None, monitor_real: str | Path | None = None,
-             monitor_phantom: str | Path | None = None, init_from: str | Path | None = None) -> dict[str, Any]:
-    """Run (or resume) a pretraining job to ``max_steps``; SIGTERM saves a checkpoint and ends it cleanly.
+             monitor_phantom: str | Path | None = None, init_from: str | Path | None = None,
+             time_limit: float | None = None) -> dict[str, Any]:
+    """Run (or resume) a pretraining job to ``max_steps``; SIGTERM saves a checkpoint and ends it cleanly,
+    and so does ``time_limit`` (seconds from this call: a job with a fixed wall-clock slot, such as a
+    scheduler's allocation or a lent GPU, ends at a checkpoint instead of being killed).
     ``device``: "auto" (CUDA when available), "cpu" or "cuda"; ``init_weights``, ``init_from`` and
     ``cache``: see :func:`build_run`; ``monitor_real``/``monitor_phantom``: the learning curve's labels CSVs (see
     :func:`learning_curve_monitor`). Returns a summary: steps done, last metrics, checkpoint, whether it
-    was stopped by SIGTERM."""
+    was stopped by SIGTERM or the time limit."""
     from tqdm import tqdm
+
+    if time_limit is not None and time_limit <= 0:
+        raise MammoInputError(f"--time-limit {time_limit:g}: give the seconds the run may take (> 0)")
+    deadline = None if time_limit is None else time.monotonic() + time_limit
+    timed_out: list[bool] = []
+
+    def should_stop() -> bool:  # every process decides alike: train_step agrees on the stop across them
+        if deadline is not None and time.monotonic() > deadline:
+            timed_out.append(True)
+        return bool(terminated) or bool(timed_out)
 
     ctx = distributed.setup(device)  # under torchrun: join the process group (left again at the end)
     terminated: list[bool] = []
@@ -611,7 +624,7 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
         show = progress and ctx.rank == 0  # one bar, rank 0's
         with tqdm(total=end, initial=start, file=sys.stderr, disable=not show, unit="step",
                   dynamic_ncols=True) as bar:
-            for last in pretrain_steps(run, end, guard, should_stop=lambda: bool(terminated), monitor=monitor):
+            for last in pretrain_steps(run, end, guard, should_stop=should_stop, monitor=monitor):
                 bar.update(1)
                 bar.set_postfix(loss=f"{last['total']:.3f}", H=f"{last['teacher_entropy']:.2f}")
     finally:
@@ -624,7 +637,8 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
     return {"out": str(Path(out)), "rank": ctx.rank, "world_size": ctx.world_size, "device": str(ctx.device),
             "init_weights": run.meta.get("init_weights"), "start_step": start,
             "step": run.step, "total_steps": config.schedule.total_steps,
-            "terminated": bool(terminated), "checkpoint": str(run.checkpoints / "last.safetensors"),
+            "terminated": bool(terminated), "time_limited": bool(timed_out) and not terminated,
+            "checkpoint": str(run.checkpoints / "last.safetensors"),
             "metrics": {k: v for k, v in last.items() if k != "checkpoint"}, "data": run.dataset.describe()}
 
 

@@ -56,7 +56,12 @@ def peak_flops(device: str | torch.device, precision: str) -> float | None:
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         return None
-    name = torch.cuda.get_device_name(device)
+    return peak_flops_of(torch.cuda.get_device_name(device), precision)
+
+
+def peak_flops_of(name: str, precision: str) -> float | None:
+    """The dense peak FLOP/s of the accelerator a run recorded (``device_name``, e.g. "cuda: NVIDIA H200"),
+    so that a run's MFU can be worked out on any machine, not only the one that trained it."""
     for (fragment, kind), value in PEAK_FLOPS.items():
         if fragment in name and kind == precision:
             return value
