@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO, SAMPLES
+
 MG1_J2KI = REPO.parent / "shared" / "data" / "MG1_J2KI"  # ../shared/data, never copied into the repo
 
 
@@ -60,3 +62,14 @@ def own_mammodino_cache(tmp_path_factory, monkeypatch):
     """Pretraining builds a preprocessing cache in ``$MAMMODINO_CACHE`` (else ``~/.cache``) by default:
     every test gets the session's own folder, so no test writes into the user's cache."""
     monkeypatch.setenv("MAMMODINO_CACHE", str(tmp_path_factory.getbasetemp() / "mammodino_cache"))
+
+
+@pytest.fixture(scope="module")
+def labels(tmp_path_factory) -> Path:
+    """A labels CSV (paths relative to it) naming two FFDM views, a multi-frame DBT volume and a DBT
+    series folder (one file per slice) of the sample data."""
+    folder = tmp_path_factory.mktemp("data")
+    rows = ["exam/RCC.dcm", "exam/LMLO.dcm", "dbt/LCC_dbt.dcm", "dbt_series/LCC_dbt"]
+    csv = folder / "labels.csv"
+    csv.write_text("path,density\n" + "".join(f"{os.path.relpath(SAMPLES / r, folder)},C\n" for r in rows))
+    return csv

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from dicom_factory import write_enhanced_dbt, write_ffdm
-from test_pretrain import MICRO, SAMPLES
+from helpers import MICRO, SAMPLES
 
 from training.cache import CacheSettings, FrameCache, build_cache
 from training.checkpoint import read_metadata

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from helpers import REPO
 from dicom_factory import ramp, write_ffdm
 from training.cli import main
 from training.corpus import build_corpus, split_patients

@@ -16,7 +16,7 @@ import pytest
 import torch
 from dicom_factory import write_fake_encapsulated
 from pydicom.uid import RLELossless
-from test_pretrain import MICRO, SAMPLES, student_weights
+from helpers import MICRO, SAMPLES, student_weights
 
 import training.cache
 import training.tissue

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_pretrain import MICRO, REPO, labels, student_weights  # noqa: F401 (labels is a fixture)
+from helpers import MICRO, REPO, student_weights
 
 from training.checkpoint import read_metadata
 from training.configs import load_config

@@ -12,15 +12,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import EXAM, TINY
 from training.errors import MammoInputError
 from training.jobs import (CANCELLED, FAILED, FINISHED, RUNNING, Job, JsonlReader, launch, loss_terms, plan,
                            tail_lines, to_argv)
 
-EXAM = Path(__file__).resolve().parents[1] / "sample_data" / "exam"  # four small FFDM views
-# cpu-tiny shrunk further so that a step takes a fraction of a second on a CI core.
-TINY = ["train.batch_size=2", "train.log_every=1", "train.num_workers=0", "model.depth=1",
-        "model.img_size=32", "sampler.global_size=32", "sampler.local_size=16", "sampler.n_local=2",
-        "model.dino_head.n_prototypes=32", "model.dino_head.hidden_dim=32", "model.dino_head.bottleneck_dim=16"]
 TIMEOUT = 240  # generous: CI machines are slow and shared
 
 

@@ -11,7 +11,7 @@ import pytest
 from qtpy.QtWidgets import QWidget
 
 from napari_mammodino.jobs_widget import JobsWidget
-from test_jobs import EXAM, TINY
+from helpers import EXAM, TINY
 from training.jobs import CANCELLED, FINISHED, RUNNING, Job, cli_options
 
 TIMEOUT_MS = 240_000  # generous: CI machines are slow and shared

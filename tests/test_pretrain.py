@@ -25,52 +25,10 @@ from training.configs import load_config
 from training.data import PretrainDataset, StepBatches, collate
 from training.pretrain import Guard, TrainingStopped, pretrain
 
-REPO = Path(__file__).resolve().parents[1]
-SAMPLES = REPO / "sample_data"
-MICRO = [
-    "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.patch_size=8", "model.img_size=32",
-    "model.dino_head.n_prototypes=64", "model.dino_head.hidden_dim=64", "model.dino_head.bottleneck_dim=32",
-    "sampler.patch_size=8", "sampler.global_size=32", "sampler.local_size=16", "sampler.n_local=2",
-    "train.batch_size=4", "train.num_workers=0", "train.log_every=1", "train.checkpoint_every=2",
-    "schedule.total_steps=40", "schedule.warmup_steps=4", "schedule.teacher_temp_warmup_steps=10",
-    "schedule.freeze_last_layer_steps=2", "schedule.lr_scaling=none", "schedule.base_lr=0.002",
-]
+from helpers import MICRO, REPO, SAMPLES, student_weights
+
 METRIC_KEYS = {"step", "epoch", "total", "dino", "ibot", "koleo", "dbt", "lr", "momentum", "teacher_temp",
                "teacher_entropy", "images_per_s"}
-
-
-@pytest.fixture(scope="module")
-def labels(tmp_path_factory) -> Path:
-    """A labels CSV (paths relative to it) naming two FFDM views, a multi-frame DBT volume and a DBT
-    series folder (one file per slice) of the sample data."""
-    folder = tmp_path_factory.mktemp("data")
-    rows = ["exam/RCC.dcm", "exam/LMLO.dcm", "dbt/LCC_dbt.dcm", "dbt_series/LCC_dbt"]
-    csv = folder / "labels.csv"
-    csv.write_text("path,density\n" + "".join(f"{os.path.relpath(SAMPLES / r, folder)},C\n" for r in rows))
-    return csv
-
-
-def student_weights(run: Path) -> dict[str, torch.Tensor]:
-    tensors, _ = load_checkpoint(run / "checkpoints" / "last.safetensors")
-    return unprefixed("model.student", tensors)
-
-
-def test_batches_are_view_major_with_dbt_pairs_and_a_function_of_the_step(labels):
-    config = load_config("cpu-tiny", MICRO)
-    dataset = PretrainDataset(labels, config.sampler, seed=3)
-    keys = next(iter(StepBatches(dataset, 4, start_step=5)))
-    assert sorted(index for _, index in keys) == [0, 1, 2, 3]  # step 5 of 4 images a step: all of epoch 5
-    batch = collate([dataset[k] for k in keys])
-    assert batch["n_images"] == 6  # two FFDM images and the two slices of two DBT pairs
-    assert batch["global"].shape == (2 * 6, 1, 32, 32) and batch["local"].shape == (2 * 6, 1, 16, 16)
-    assert batch["masks"].shape == (12, 4, 4) and batch["masks"].dtype == torch.bool
-    assert 0.0 <= float(batch["global"].min()) and float(batch["global"].max()) <= 1.0
-    # each pair's two slices sit in the same view block: one pair per volume and global view
-    pairs = batch["dbt_pairs"].tolist()
-    assert len(pairs) == 4 and all(a // 6 == b // 6 and a != b for a, b in pairs)
-    assert sorted(batch["dbt_volumes"].tolist()) == [2, 2, 3, 3]
-    again = collate([dataset[k] for k in next(iter(StepBatches(dataset, 4, start_step=5)))])
-    assert torch.equal(batch["global"], again["global"])  # resumable: step 5's batch is step 5's batch
 
 
 def test_run_writes_metrics_and_checkpoints_with_provenance(labels, tmp_path):

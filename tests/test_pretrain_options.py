@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 from safetensors.torch import save_file
-from test_pretrain import MICRO, labels  # noqa: F401  (a fixture)
+from helpers import MICRO
 from timm.models.vision_transformer import VisionTransformer
 
 from training.checkpoint import load_checkpoint, read_metadata, unprefixed

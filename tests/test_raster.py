@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from helpers import REPO
 from training.cli import main
 from training.errors import MammoInputError
 from training.io import open_file, open_image, open_path

@@ -1,0 +1,34 @@
+"""Constants and small helpers that several test modules share (fixtures live in conftest.py; no test
+module imports another)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from training.checkpoint import load_checkpoint, unprefixed
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "sample_data"
+EXAM = SAMPLES / "exam"  # four small FFDM views
+
+# A micro ViT for pretraining tests: 2 blocks, 48 dims, 32 px crops, patch 8.
+MICRO = [
+    "model.embed_dim=48", "model.depth=2", "model.num_heads=3", "model.patch_size=8", "model.img_size=32",
+    "model.dino_head.n_prototypes=64", "model.dino_head.hidden_dim=64", "model.dino_head.bottleneck_dim=32",
+    "sampler.patch_size=8", "sampler.global_size=32", "sampler.local_size=16", "sampler.n_local=2",
+    "train.batch_size=4", "train.num_workers=0", "train.log_every=1", "train.checkpoint_every=2",
+    "schedule.total_steps=40", "schedule.warmup_steps=4", "schedule.teacher_temp_warmup_steps=10",
+    "schedule.freeze_last_layer_steps=2", "schedule.lr_scaling=none", "schedule.base_lr=0.002",
+]
+# cpu-tiny shrunk further so that a jobs-test step takes a fraction of a second on a CI core.
+TINY = ["train.batch_size=2", "train.log_every=1", "train.num_workers=0", "model.depth=1",
+        "model.img_size=32", "sampler.global_size=32", "sampler.local_size=16", "sampler.n_local=2",
+        "model.dino_head.n_prototypes=32", "model.dino_head.hidden_dim=32", "model.dino_head.bottleneck_dim=16"]
+
+
+def student_weights(run: Path) -> dict[str, torch.Tensor]:
+    """The student's tensors in a run folder's last checkpoint."""
+    tensors, _ = load_checkpoint(run / "checkpoints" / "last.safetensors")
+    return unprefixed("model.student", tensors)
