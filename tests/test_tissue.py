@@ -292,6 +292,19 @@ def test_cli_prints_stats_and_writes_the_mask(tmp_path, capsys):
     assert np.array_equal(np.array(Image.open(out)) == 255, expected.mask)
 
 
+def test_cli_takes_the_chest_wall_side_from_the_header_as_the_viewer_does(tmp_path, capsys):
+    """`mammodino tissue` goes through tissue_of, like the viewer, the sampler and inference: a header
+    whose PatientOrientation puts the chest wall on the right wins over the pixels (which look left)."""
+    pixels, _ = synthetic_breast()
+    path = write_ffdm(tmp_path / "mg.dcm", pixels, PatientOrientation=["P", "L"])
+    assert main(["tissue", str(path), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    expected = tissue_of(open_image(path))
+    assert report["chest_wall"] == expected.chest_wall == "right"
+    assert segment_tissue(pixels, spacing_mm=(0.1, 0.1)).chest_wall == "left"
+    assert report["bbox"] == list(expected.bbox) and report["fraction"] == pytest.approx(expected.fraction)
+
+
 def test_cli_bad_frame_is_one_line(tmp_path):
     volume, _ = _volume(2)
     path = write_enhanced_dbt(tmp_path / "dbt.dcm", volume)

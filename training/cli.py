@@ -53,7 +53,7 @@ def cmd_tissue(args: argparse.Namespace) -> dict[str, Any]:
     import time
 
     from .io import open_image
-    from .tissue import segment_tissue, segment_volume
+    from .tissue import tissue_of
 
     image = open_image(args.path)
     meta = image.meta
@@ -64,15 +64,14 @@ def cmd_tissue(args: argparse.Namespace) -> dict[str, Any]:
     n = image.data.shape[0] if meta.is_volume else 1
     if args.frame is not None and not 0 <= args.frame < n:
         raise MammoInputError(f"--frame {args.frame}: the image has frames 0..{n - 1}")
-    spacing = tuple(meta.spacing_mm[-2:]) if meta.spacing_mm else None
-    options = dict(spacing_mm=spacing, photometric=meta.photometric, view=meta.view)
+    # The same entry point as the viewer and the sampler (chest-wall side from PatientOrientation).
     start = time.perf_counter()
     if meta.is_volume and args.frame is None:
-        result = segment_volume(image.data, **options)  # decodes one slice at a time
+        result = tissue_of(image)  # decodes one slice at a time
     else:
         pixels = image.frame(args.frame or 0)
         start = time.perf_counter()  # time the segmentation, not the decode
-        result = segment_tissue(pixels, **options)
+        result = tissue_of(image, args.frame or 0, pixels=pixels)
     report = {"path": str(args.path), **result.to_json(), "frame": args.frame,
               "time_ms": round((time.perf_counter() - start) * 1000, 1)}
     if args.out:

@@ -162,10 +162,12 @@ def segment_volume(volume: Any, *, spacing_mm: tuple[float, ...] | None = None,
                         chest_wall=chest_wall, downsample=factor, slice_fractions=fractions, shared=shared)
 
 
-def tissue_of(image: "MammoImage", index: int | None = None, *, shared: bool = False) -> TissueResult:
+def tissue_of(image: "MammoImage", index: int | None = None, *, shared: bool = False,
+              pixels: np.ndarray | None = None) -> TissueResult:
     """Tissue of a :class:`~training.io.MammoImage`: the 2D image, frame `index` of a DBT, or
     (index None) the whole DBT volume. Photometric, spacing and view come from its header; the
-    chest-wall side from PatientOrientation when the header has it."""
+    chest-wall side from PatientOrientation when the header has it. ``pixels``: that frame, already
+    decoded by the caller (it is not decoded again)."""
     meta = image.meta
     spacing = tuple(meta.spacing_mm[-2:]) if meta.spacing_mm else None
     side = _side_from_orientation(meta.patient_orientation)
@@ -176,8 +178,9 @@ def tissue_of(image: "MammoImage", index: int | None = None, *, shared: bool = F
     index = 0 if index is None else index
     if not -n <= index < n:
         raise MammoInputError(f"frame {index} does not exist: the image has {n} frame(s)")
-    return segment_tissue(image.frame(index % n), spacing_mm=spacing, photometric=meta.photometric,
-                          view=meta.view, chest_wall=side)
+    values = image.frame(index % n) if pixels is None else pixels
+    return segment_tissue(values, spacing_mm=spacing, photometric=meta.photometric, view=meta.view,
+                          chest_wall=side)
 
 
 
@@ -185,23 +188,10 @@ def frame_and_tissue(image: "MammoImage", frame: int) -> tuple[np.ndarray, np.nd
     """Frame ``frame`` of a MammoImage decoded once, MONOCHROME1 inverted (tissue bright, as the
     sampler and the encoder want it), and its tissue mask (:func:`tissue_of`, per slice for DBT)."""
     values = image.frame(frame)
-    mask = tissue_of(_DecodedFrame(image, frame, values), index=frame if image.data.ndim == 3 else None).mask
+    mask = tissue_of(image, frame if image.data.ndim == 3 else None, pixels=values).mask
     if image.meta.photometric == "MONOCHROME1":
         values = np.negative(values, dtype=np.float32)
     return values, np.asarray(mask)
-
-
-class _DecodedFrame:
-    """A MammoImage look-alike whose ``frame(i)`` returns the frame already decoded (no second decode)."""
-
-    def __init__(self, image: Any, index: int, values: np.ndarray):
-        self._image, self._index, self._values = image, index, values
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._image, name)
-
-    def frame(self, index: int = 0) -> np.ndarray:
-        return self._values if index == self._index else self._image.frame(index)
 
 # --- steps -----------------------------------------------------------------------------------------
 
