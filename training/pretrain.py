@@ -595,12 +595,12 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
     if time_limit is not None and time_limit <= 0:
         raise MammoInputError(f"--time-limit {time_limit:g}: give the seconds the run may take (> 0)")
     deadline = None if time_limit is None else time.monotonic() + time_limit
-    timed_out: list[bool] = []
+    timed_out = False
 
-    def should_stop() -> bool:  # every process decides alike: train_step agrees on the stop across them
-        if deadline is not None and time.monotonic() > deadline:
-            timed_out.append(True)
-        return bool(terminated) or bool(timed_out)
+    def should_stop() -> bool:  # train_step agrees on the stop across processes
+        nonlocal timed_out
+        timed_out = timed_out or (deadline is not None and time.monotonic() > deadline)
+        return bool(terminated) or timed_out
 
     ctx = distributed.setup(device)  # under torchrun: join the process group (left again at the end)
     terminated: list[bool] = []
@@ -637,7 +637,7 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
     return {"out": str(Path(out)), "rank": ctx.rank, "world_size": ctx.world_size, "device": str(ctx.device),
             "init_weights": run.meta.get("init_weights"), "start_step": start,
             "step": run.step, "total_steps": config.schedule.total_steps,
-            "terminated": bool(terminated), "time_limited": bool(timed_out) and not terminated,
+            "terminated": bool(terminated), "time_limited": timed_out and not terminated,
             "checkpoint": str(run.checkpoints / "last.safetensors"),
             "metrics": {k: v for k, v in last.items() if k != "checkpoint"}, "data": run.dataset.describe()}
 

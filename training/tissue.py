@@ -183,7 +183,6 @@ def tissue_of(image: "MammoImage", index: int | None = None, *, shared: bool = F
                           chest_wall=side)
 
 
-
 def frame_and_tissue(image: "MammoImage", frame: int) -> tuple[np.ndarray, np.ndarray]:
     """Frame ``frame`` of a MammoImage decoded once, MONOCHROME1 inverted (tissue bright, as the
     sampler and the encoder want it), and its tissue mask (:func:`tissue_of`, per slice for DBT)."""
@@ -192,6 +191,7 @@ def frame_and_tissue(image: "MammoImage", frame: int) -> tuple[np.ndarray, np.nd
     if image.meta.photometric == "MONOCHROME1":
         values = np.negative(values, dtype=np.float32)
     return values, np.asarray(mask)
+
 
 # --- steps -----------------------------------------------------------------------------------------
 
