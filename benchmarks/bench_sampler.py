@@ -34,8 +34,8 @@ from dataclasses import replace  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from training.io import open_image  # noqa: E402
-from training.sampler import MultiCropSampler, SamplerConfig  # noqa: E402
+from training.dicom.io import open_image  # noqa: E402
+from training.sampler.sampler import MultiCropSampler, SamplerConfig  # noqa: E402
 from training.tissue import segment_tissue, tissue_of  # noqa: E402
 
 SIZES = {"224/96": SamplerConfig(), "518/224": replace(SamplerConfig(), global_size=518, local_size=224)}

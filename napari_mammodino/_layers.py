@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 from napari.utils.colormaps import Colormap
 
-from training.display import ViewerDisplay, frames_share_display, to_display, viewer_display
-from training.hanging import Placement, hanging_protocol
-from training.io import FrameStack, MammoImage
+from training.dicom.display import ViewerDisplay, frames_share_display, to_display, viewer_display
+from training.dicom.hanging import Placement, hanging_protocol
+from training.dicom.io import FrameStack, MammoImage
 
 def mammo_image_of(data: Any) -> MammoImage | None:
     """The MammoImage behind an image layer made here (widgets reach its modality values,

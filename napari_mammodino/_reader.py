@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from training.errors import MammoInputError
-from training.io import is_dicom_file, open_many
+from training.dicom.io import is_dicom_file, open_many
 
-from ._layers import exam_layers
+from napari_mammodino._layers import exam_layers
 
 
 def _claims(path: str | os.PathLike) -> bool:

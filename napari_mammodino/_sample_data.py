@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from training.errors import MammoInputError
-from training.io import open_many
+from training.dicom.io import open_many
 
-from ._layers import exam_layers
+from napari_mammodino._layers import exam_layers
 
 
 def cbis_exam_paths(index: int) -> list[Path]:

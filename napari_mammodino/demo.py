@@ -16,7 +16,7 @@ import numpy as np
 
 def show_exam(viewer, exam: str = "benign"):
     """Add a CBIS-DDSM exam in the hanging protocol, with view labels, to `viewer`."""
-    from ._sample_data import cbis_benign_exam, cbis_malignant_exam
+    from napari_mammodino._sample_data import cbis_benign_exam, cbis_malignant_exam
 
     layers = cbis_benign_exam() if exam == "benign" else cbis_malignant_exam()
     for data, kwargs, _ in layers:

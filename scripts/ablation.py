@@ -12,7 +12,7 @@ DBT phantoms):
   (c) + tissue-aware sampler       no DBT loss
   (d) + DBT adjacent-slice loss    full MammoDINO
 
-Evaluation (``training.benchmark``, at 448 px): linear probes with bootstrap 95% intervals on the phantom
+Evaluation (``training.evaluate.benchmark``, at 448 px): linear probes with bootstrap 95% intervals on the phantom
 benchmark (density, lesion, lesion type) and the real held-out DDSM films (density quartile, normal vs
 abnormal); lesion patch AUROC; same-breast view retrieval; attention in tissue over the uniform share on
 the real CBIS-DDSM views. Writes ``WORK/ablation.json`` and prints the README table, with the pairs of
@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.benchmark import measures  # noqa: E402
+from training.evaluate.benchmark import measures  # noqa: E402
 from training.checkpoint import read_metadata  # noqa: E402
 
 MAMMODINO = [sys.executable, "-m", "training"]

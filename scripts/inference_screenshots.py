@@ -39,7 +39,7 @@ def cbis(checkpoint: str | None, resolution: int, out: Path) -> Path:
     import napari
 
     from napari_mammodino.demo import show_exam
-    from napari_mammodino.inference_widget import InferenceWidget
+    from napari_mammodino.widgets.inference import InferenceWidget
 
     viewer = napari.Viewer(title="MammoDINO inference - CBIS-DDSM benign exam")
     show_exam(viewer, "benign")
@@ -60,7 +60,7 @@ def dbt(checkpoint: str | None, resolution: int, out: Path) -> Path:
     import napari
 
     from napari_mammodino._sample_data import phantom_dbt
-    from napari_mammodino.inference_widget import InferenceWidget
+    from napari_mammodino.widgets.inference import InferenceWidget
 
     viewer = napari.Viewer(title="MammoDINO inference - phantom DBT")
     for data, kwargs, kind in phantom_dbt():

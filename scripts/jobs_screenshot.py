@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     import napari
     from qtpy.QtWidgets import QApplication
 
-    from napari_mammodino.jobs_widget import JobsWidget
+    from napari_mammodino.widgets.jobs import JobsWidget
 
     viewer = napari.Viewer(title="MammoDINO training jobs - learning curve")
     viewer.window.resize(1600, 1000)

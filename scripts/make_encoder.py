@@ -12,13 +12,13 @@ this way (``scripts/train_release_encoder.sh`` calls it last):
    encoder's resolution: linear probes (``mammodino probe``: patient-grouped 5-fold logistic regression,
    bootstrap 95% intervals) on the phantom benchmark (density, lesion, lesion type) and on the real
    held-out split (DDSM density quartile, normal vs abnormal); the learning-curve measures
-   (``training.learning_curve``: same-breast view retrieval, attention in tissue over the uniform share,
+   (``training.evaluate.learning_curve``: same-breast view retrieval, attention in tissue over the uniform share,
    lesion patch AUROC) on the real views and the phantom benchmark, and attention on the real CBIS-DDSM
    views alone.
 4. Throughput of the first stage: median images/s, the share of the step spent waiting for data, model
-   FLOPs per image and model-FLOPs utilisation (``training.throughput``; None on a CPU).
+   FLOPs per image and model-FLOPs utilisation (``training.ssl.throughput``; None on a CPU).
 5. fp16 safetensors with all of it as JSON metadata, and the model card written from that metadata
-   (``training.model_card``).
+   (``training.evaluate.model_card``).
 """
 
 from __future__ import annotations
@@ -37,14 +37,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from training.checkpoint import read_metadata  # noqa: E402
-from training.configs import PretrainConfig  # noqa: E402
-from training.encoder import load_encoder, save_encoder  # noqa: E402
+from training.ssl.presets import PretrainConfig  # noqa: E402
+from training.evaluate.encoder import load_encoder, save_encoder  # noqa: E402
 from training.errors import MammoInputError  # noqa: E402
-from training.finetune import FinetuneConfig, finetune  # noqa: E402
-from training.benchmark import LABELS, RESOLUTION, chance_levels, measures, subset  # noqa: E402
-from training.model_card import CURVE, model_card  # noqa: E402
-from training.pretrain import export_state  # noqa: E402
-from training.throughput import flops_per_image, mfu, peak_flops_of  # noqa: E402
+from training.evaluate.heads.classify import FinetuneConfig, finetune  # noqa: E402
+from training.evaluate.benchmark import LABELS, RESOLUTION, chance_levels, measures, subset  # noqa: E402
+from training.evaluate.model_card import CURVE, model_card  # noqa: E402
+from training.ssl.pretrain import export_state  # noqa: E402
+from training.ssl.throughput import flops_per_image, mfu, peak_flops_of  # noqa: E402
 
 HEADS = ("density", "lesion", "lesion_mask")
 
@@ -149,7 +149,7 @@ def main() -> None:
         "evaluation": {"resolution": RESOLUTION, "trained": trained, "random_init": random, "chance": chance,
                        "labels": LABELS, "random_spec": "the same network with random weights (seed 0): exactly the weights pretraining started from",
                        "protocol": "linear probes: patient-grouped 5-fold logistic regression with bootstrap 95% "
-                                   "intervals; retrieval, attention and lesion patch AUROC: training.learning_curve, "
+                                   "intervals; retrieval, attention and lesion patch AUROC: training.evaluate.learning_curve, "
                                    "attention and lesion patch AUROC with bootstrap 95% intervals over images"},
         "limitations": [
             "The real data are 84 films and low-energy views (DDSM, CBIS-DDSM, CDD-CESM, one NEMA film); the "

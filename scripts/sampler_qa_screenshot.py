@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     from qtpy.QtWidgets import QApplication
 
     from napari_mammodino._sample_data import cbis_benign_exam
-    from napari_mammodino.sampler_widget import SamplerQAWidget
-    from napari_mammodino.tissue_widget import TissueWidget
+    from napari_mammodino.widgets.sampler_qa import SamplerQAWidget
+    from napari_mammodino.widgets.tissue import TissueWidget
 
     viewer = napari.Viewer(title="MammoDINO sampler QA - CBIS-DDSM benign exam")
     viewer.window.resize(1920, 1080)

@@ -23,16 +23,16 @@ def mg1_path() -> Path:
 @pytest.fixture
 def decoded(monkeypatch) -> list[int]:
     """Indices of every frame decoded from now on (FrameSource.read is wrapped before anything opens)."""
-    import training.io
+    import training.dicom.io
 
     calls: list[int] = []
-    original = training.io.FrameSource.read
+    original = training.dicom.io.FrameSource.read
 
     def counting(self, index):
         calls.append(index)
         return original(self, index)
 
-    monkeypatch.setattr(training.io.FrameSource, "read", counting)
+    monkeypatch.setattr(training.dicom.io.FrameSource, "read", counting)
     return calls
 
 

@@ -15,13 +15,13 @@ import torch
 from dicom_factory import write_enhanced_dbt, write_ffdm
 from helpers import MICRO, SAMPLES
 
-from training.cache import CacheSettings, FrameCache, build_cache
+from training.ssl.cache import CacheSettings, FrameCache, build_cache
 from training.checkpoint import read_metadata
 from training.cli import main
-from training.configs import load_config
-from training.data import PretrainDataset, StepBatches, collate
+from training.ssl.presets import load_config
+from training.ssl.data import PretrainDataset, StepBatches, collate
 from training.errors import MammoInputError
-from training.io import open_image
+from training.dicom.io import open_image
 
 
 @pytest.fixture(autouse=True)
@@ -130,7 +130,7 @@ def test_batches_from_the_cache_have_the_same_shapes_and_tissue_only_crops(data,
 
 
 def test_pretrain_with_cache_builds_it_reads_it_and_never_decodes(data, tmp_path, monkeypatch, capsys):
-    from training.io import MammoImage
+    from training.dicom.io import MammoImage
 
     run, cache = tmp_path / "run", str(tmp_path / "c")
     base = ["pretrain", "--config", "cpu-tiny", *sum((["--set", s] for s in MICRO), []), "--data", str(data),

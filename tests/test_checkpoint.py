@@ -15,9 +15,9 @@ from training.checkpoint import (
     read_metadata, save_checkpoint, unprefixed,
 )
 from training.errors import MammoInputError
-from training.losses import LossConfig, MammoDINOLoss
-from training.models import HeadConfig, ModelConfig, StudentTeacher
-from training.schedules import param_groups
+from training.ssl.losses import LossConfig, MammoDINOLoss
+from training.ssl.models import HeadConfig, ModelConfig, StudentTeacher
+from training.ssl.schedules import param_groups
 
 torch.set_num_threads(2)
 

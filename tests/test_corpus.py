@@ -16,7 +16,7 @@ from PIL import Image
 from helpers import REPO
 from dicom_factory import ramp, write_ffdm
 from training.cli import main
-from training.corpus import build_corpus, split_patients
+from training.ssl.corpus import build_corpus, split_patients
 
 DATA = REPO.parent / "shared" / "data"
 SMALL = dict(phantoms=2, dbt_phantoms=1, bench_phantoms=2, shape=(128, 104), quiet=True)
@@ -139,7 +139,7 @@ def test_cddcesm_keeps_its_lesion_masks_and_phantoms_their_labels(real):
 
 
 def test_the_corpus_csvs_feed_the_label_readers(real):
-    from training.data import data_paths
+    from training.ssl.data import data_paths
     from training.labels import read_labels
 
     out, _ = real

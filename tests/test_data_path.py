@@ -18,14 +18,14 @@ from dicom_factory import write_fake_encapsulated
 from pydicom.uid import RLELossless
 from helpers import MICRO, SAMPLES, student_weights
 
-import training.cache
+import training.ssl.cache
 import training.tissue
-from training.cache import CacheSettings, FrameCache, build_cache, default_cache_dir
+from training.ssl.cache import CacheSettings, FrameCache, build_cache, default_cache_dir
 from training.checkpoint import read_metadata
 from training.cli import main
-from training.configs import load_config
-from training.data import PretrainDataset, open_data_skipping
-from training.io import MammoImage
+from training.ssl.presets import load_config
+from training.ssl.data import PretrainDataset, open_data_skipping
+from training.dicom.io import MammoImage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -106,7 +106,7 @@ def test_a_changed_file_or_other_settings_rebuild_a_touched_file_does_not(data, 
     path = data / "RCC.dcm"
     rcc = PretrainDataset(data, load_config("cpu-tiny").sampler).images[1]
     assert FrameCache(default_cache, CacheSettings()).entry(rcc)["files"][0][1:] == [
-        path.stat().st_size, path.stat().st_mtime_ns, training.cache.file_digest(str(path))]
+        path.stat().st_size, path.stat().st_mtime_ns, training.ssl.cache.file_digest(str(path))]
     before = values_of(default_cache, rcc)
     # same bytes, new modification time (a copy, a touch): hashed again, nothing decoded or written
     decoded.clear()
@@ -126,7 +126,7 @@ def test_a_changed_file_or_other_settings_rebuild_a_touched_file_does_not(data, 
     assert build()["built"] == 0
     # another preprocessing version (the format, or a tissue segmentation parameter): rebuilt
     with monkeypatch.context() as patch:
-        patch.setattr(training.cache, "FORMAT", training.cache.FORMAT + 1)
+        patch.setattr(training.ssl.cache, "FORMAT", training.ssl.cache.FORMAT + 1)
         assert build()["built"] == 2
     with monkeypatch.context() as patch:
         patch.setattr(training.tissue, "AIR_TO_TISSUE", training.tissue.AIR_TO_TISSUE + 0.01)
@@ -173,7 +173,7 @@ def test_a_run_on_the_default_cache_resumes_through_it_to_the_uninterrupted_weig
     decoded.clear()
     assert main(pretrain_args(labels, tmp_path / "split", "--max-steps", "4", "--resume")) == 0
     assert decoded == []  # the resumed run read the default cache
-    from training.pretrain import pretrain
+    from training.ssl.pretrain import pretrain
 
     pretrain(config, labels, tmp_path / "straight", max_steps=4, progress=False)
     straight, resumed = student_weights(tmp_path / "straight"), student_weights(tmp_path / "split")
@@ -184,8 +184,8 @@ def test_a_run_on_the_default_cache_resumes_through_it_to_the_uninterrupted_weig
 
 BUILD = """
 import sys
-from training.cache import CacheSettings, build_cache
-from training.data import open_data
+from training.ssl.cache import CacheSettings, build_cache
+from training.ssl.data import open_data
 images = [im for im in open_data(sys.argv[1]) if im.meta.path.endswith(tuple(sys.argv[3:]))]
 print(build_cache(images, sys.argv[2], CacheSettings(long_side=64), workers=1, fixed_settings=False)["built"])
 """

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from training.checkpoint import read_header, read_metadata
-from training.encoder import DEMO_CHECKPOINT, load_encoder
-from training.model_card import evaluation_rows, targets
+from training.evaluate.encoder import DEMO_CHECKPOINT, load_encoder
+from training.evaluate.model_card import evaluation_rows, targets
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -66,8 +66,8 @@ def test_demo_heads_give_named_predictions(demo):
 
 
 def test_demo_maps_are_fine_and_favour_the_breast_on_a_real_exam(demo, cbis_cases):
-    from training.infer import infer_image
-    from training.io import open_image
+    from training.evaluate.infer import infer_image
+    from training.dicom.io import open_image
 
     ratios = []
     for path in cbis_cases[0].values():

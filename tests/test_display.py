@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from dicom_factory import labelled_volume, ramp, write_enhanced_dbt, write_ffdm
-from training.display import to_display, viewer_display
-from training.io import open_file
+from training.dicom.display import to_display, viewer_display
+from training.dicom.io import open_file
 
 TOP = 4095  # 12 bits stored
 GREY_LEVEL = 1 / 255  # what an 8-bit screen can tell apart

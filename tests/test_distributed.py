@@ -16,9 +16,9 @@ import torch
 from helpers import MICRO, REPO, student_weights
 
 from training.checkpoint import read_metadata
-from training.configs import load_config
-from training.distributed import shard
-from training.pretrain import pretrain
+from training.ssl.presets import load_config
+from training.ssl.distributed import shard
+from training.ssl.pretrain import pretrain
 
 TERMS = ("total", "dino", "ibot", "koleo", "dbt", "teacher_entropy")
 # Layer scale 0.1, not DINOv2's 1e-5: at 1e-5 the class tokens of different images start nearly equal,

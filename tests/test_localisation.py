@@ -8,9 +8,10 @@ import json
 import numpy as np
 import pytest
 
-from training.encoder import Prepared
+from training.evaluate.encoder import Prepared
 from training.errors import MammoInputError
-from training.localisation import froc, lesion_regions, local_maxima, patch_auroc, patch_fraction, patch_targets
+from training.evaluate.heads.localise import (froc, lesion_regions, local_maxima, patch_auroc, patch_fraction,
+    patch_targets)
 
 
 def prepared(box, grid, image_shape, frame=None) -> Prepared:

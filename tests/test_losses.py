@@ -11,10 +11,8 @@ import pytest
 import torch
 
 from training.errors import MammoInputError
-from training.losses import (
-    LossConfig, MammoDINOLoss, TeacherTargets, dbt_pair_loss, dino_loss, ibot_loss, koleo_loss,
-    marginal_entropy, mean_entropy, sinkhorn_knopp, symmetric_infonce,
-)
+from training.ssl.losses import (LossConfig, MammoDINOLoss, TeacherTargets, dbt_pair_loss, dino_loss,
+    ibot_loss, koleo_loss, marginal_entropy, mean_entropy, sinkhorn_knopp, symmetric_infonce)
 
 torch.set_num_threads(2)
 

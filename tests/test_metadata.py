@@ -7,7 +7,7 @@ import pytest
 
 from dicom_factory import code_item, damage, labelled_volume, ramp, write_enhanced_dbt, write_ffdm
 from training.errors import MammoInputError
-from training.io import open_file
+from training.dicom.io import open_file
 
 IMAGE = ramp((64, 48))
 

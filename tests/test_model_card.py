@@ -3,7 +3,7 @@ figures only: a card must never call a plain-DINOv2 run MammoDINO, nor a retriev
 
 from __future__ import annotations
 
-from training.model_card import method, targets
+from training.evaluate.model_card import method, targets
 
 
 def test_the_card_names_the_sampler_and_losses_the_config_used():

@@ -10,11 +10,10 @@ from safetensors.torch import save_file
 from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 
-from training.configs import PretrainConfig, load_config, preset_names
+from training.ssl.presets import PretrainConfig, load_config, preset_names
 from training.errors import MammoInputError
-from training.models import (
-    DINOHead, HeadConfig, ModelConfig, SSLNetwork, StudentTeacher, ViTBackbone, load_backbone_weights,
-)
+from training.ssl.models import (DINOHead, HeadConfig, ModelConfig, SSLNetwork, StudentTeacher, ViTBackbone,
+    load_backbone_weights)
 
 torch.set_num_threads(2)
 

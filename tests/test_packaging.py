@@ -36,7 +36,7 @@ def test_wheel_carries_root_manifest_inside_the_package(wheel):
         names = set(zf.namelist())
         assert "napari_mammodino/napari.yaml" in names
         assert zf.read("napari_mammodino/napari.yaml") == (ROOT / "napari.yaml").read_bytes()
-        assert "training/io.py" in names and "training/cli.py" in names
+        assert "training/dicom/io.py" in names and "training/cli.py" in names
         (entry_points,) = [n for n in names if n.endswith(".dist-info/entry_points.txt")]
         text = zf.read(entry_points).decode()
     assert "napari-mammodino = napari_mammodino:napari.yaml" in text

@@ -17,8 +17,8 @@ from pydicom.encaps import generate_fragmented_frames
 from pydicom.uid import JPEG2000Lossless
 
 from training.cli import main
-from training.display import to_display
-from training.io import open_image, open_path
+from training.dicom.display import to_display
+from training.dicom.io import open_image, open_path
 from training.phantom import simulate_dbt, simulate_ffdm
 from training.phantom.writer import (LABEL_COLUMNS, Identity, generate, load_mask, read_labels, write_dbt,
                                      write_dbt_series, write_ffdm)

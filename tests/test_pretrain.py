@@ -21,9 +21,9 @@ from dicom_factory import write_ffdm
 
 from training.checkpoint import load_checkpoint, read_metadata, unprefixed
 from training.cli import main
-from training.configs import load_config
-from training.data import PretrainDataset, StepBatches, collate
-from training.pretrain import Guard, TrainingStopped, pretrain
+from training.ssl.presets import load_config
+from training.ssl.data import PretrainDataset, StepBatches, collate
+from training.ssl.pretrain import Guard, TrainingStopped, pretrain
 
 from helpers import MICRO, REPO, SAMPLES, student_weights
 

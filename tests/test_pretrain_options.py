@@ -14,9 +14,9 @@ from timm.models.vision_transformer import VisionTransformer
 
 from training.checkpoint import load_checkpoint, read_metadata, unprefixed
 from training.cli import main
-from training.configs import load_config
-from training.data import PretrainDataset, StepBatches, collate
-from training.pretrain import build_training, train_step
+from training.ssl.presets import load_config
+from training.ssl.data import PretrainDataset, StepBatches, collate
+from training.ssl.pretrain import build_training, train_step
 
 
 def timm_vit(depth: int = 2) -> VisionTransformer:

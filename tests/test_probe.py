@@ -16,12 +16,12 @@ from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from dicom_factory import write_enhanced_dbt
 from training.cli import main
-from training.encoder import load_encoder, random_encoder
+from training.evaluate.encoder import load_encoder, random_encoder
 from training.errors import MammoInputError
-from training.features import encoder_identity, extract_features, features_of, volume_slices
-from training.io import open_image
-from training.probe import (bootstrap_intervals, classification_metrics, evaluate_probe, grouped_folds,
-                            weighted_metrics)
+from training.evaluate.features import encoder_identity, extract_features, features_of, volume_slices
+from training.dicom.io import open_image
+from training.evaluate.probe import (bootstrap_intervals, classification_metrics, evaluate_probe,
+    grouped_folds, weighted_metrics)
 
 REQUIRED = {"auroc", "balanced_accuracy", "macro_f1", "n", "classes", "folds", "target", "encoder", "counts"}
 

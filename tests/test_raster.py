@@ -15,8 +15,8 @@ from PIL import Image
 from helpers import REPO
 from training.cli import main
 from training.errors import MammoInputError
-from training.io import open_file, open_image, open_path
-from training.raster import RasterSource, patient_from_name, view_from_name
+from training.dicom.io import open_file, open_image, open_path
+from training.dicom.raster import RasterSource, patient_from_name, view_from_name
 
 DATA = REPO.parent / "shared" / "data"
 DDSM = DATA / "ddsm_tissue66"
@@ -109,8 +109,8 @@ def test_sixteen_bit_png_and_tiff_keep_their_values(tmp_path):
 
 
 def test_sampler_and_preprocessing_cache_open_a_png(tmp_path):
-    from training.cache import FrameCache, build_cache
-    from training.sampler import sample_image
+    from training.ssl.cache import FrameCache, build_cache
+    from training.sampler.sampler import sample_image
 
     path = _need(DDSM / "test" / "fgt_seg" / "B_3627_1.RIGHT_MLO.png")
     image = open_image(path)

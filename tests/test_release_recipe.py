@@ -53,7 +53,7 @@ def test_smoke_recipe_runs_every_stage(smoke):
 
 
 def test_smoke_encoder_loads_with_its_card(smoke):
-    from training.encoder import load_encoder
+    from training.evaluate.encoder import load_encoder
 
     path = smoke / "mammodino-smoke.safetensors"
     assert {e["dtype"] for k, e in read_header(path).items() if k != "__metadata__"} == {"F16"}
@@ -79,7 +79,7 @@ def test_smoke_encoder_loads_with_its_card(smoke):
 
 def test_mfu_is_worked_out_from_the_accelerator_a_run_recorded():
     """A run trained on a lent GPU and evaluated elsewhere still gets its model-FLOPs utilisation."""
-    from training.throughput import mfu, peak_flops_of
+    from training.ssl.throughput import mfu, peak_flops_of
 
     assert peak_flops_of("cuda: NVIDIA H200", "bf16") == 989.4e12
     assert peak_flops_of("cuda: NVIDIA H100 80GB HBM3", "fp32") == 67e12

@@ -13,7 +13,7 @@ import pytest
 
 from training.cli import main
 from training.errors import MammoInputError
-from training.retrieval import Embeddings, nearest, normalise, precision_at_k
+from training.evaluate.retrieval import Embeddings, nearest, normalise, precision_at_k
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from training.errors import MammoInputError
-from training.sampler import (AugmentConfig, MultiCropSampler, NoTissueError, SamplerConfig, block_mask,
-                              random_resized_box)
+from training.sampler.sampler import (AugmentConfig, MultiCropSampler, NoTissueError, SamplerConfig,
+    block_mask, random_resized_box)
 
 # Small crops keep the tests fast; everything else is DINOv2's default.
 SMALL = SamplerConfig(global_size=112, local_size=48, n_local=4, patch_size=14)
@@ -362,8 +362,8 @@ def test_dbt_file_decodes_only_the_slices_of_its_pairs(tmp_path, capsys, decoded
 
 def test_a_monochrome1_file_gives_the_same_crops_as_its_monochrome2_twin(tmp_path):
     from dicom_factory import write_ffdm
-    from training.io import open_image
-    from training.sampler import sample_image
+    from training.dicom.io import open_image
+    from training.sampler.sampler import sample_image
 
     image, _ = breast((320, 256))
     mono2 = sample_image(open_image(write_ffdm(tmp_path / "m2.dcm", image)), seed=5)

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from training.errors import MammoInputError
-from training.models import HeadConfig, ModelConfig, SSLNetwork
-from training.schedules import (
-    ScheduleConfig, apply_schedule, clip_gradients, cosine, layer_id, linear_warmup, param_groups, values_at,
-)
+from training.ssl.models import HeadConfig, ModelConfig, SSLNetwork
+from training.ssl.schedules import (ScheduleConfig, apply_schedule, clip_gradients, cosine, layer_id,
+    linear_warmup, param_groups, values_at)
 
 torch.set_num_threads(2)
 

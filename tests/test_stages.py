@@ -11,7 +11,7 @@ import torch
 
 from training.checkpoint import load_checkpoint, read_metadata, unprefixed
 from training.cli import main
-from training.pretrain import export_state
+from training.ssl.pretrain import export_state
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -17,7 +17,7 @@ from scipy import ndimage as ndi
 from dicom_factory import write_enhanced_dbt, write_ffdm
 from training.cli import main
 from training.errors import MammoInputError
-from training.io import open_file, open_image
+from training.dicom.io import open_file, open_image
 from training.tissue import TissueResult, segment_tissue, segment_volume, tissue_of
 
 

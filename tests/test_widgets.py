@@ -9,11 +9,11 @@ import pytest
 from scipy import ndimage as ndi
 
 from dicom_factory import write_enhanced_dbt, write_ffdm
-from napari_mammodino.sampler_widget import (SamplerQAWidget, box_rectangle, masked_patch_planes,
-                                             sample_steps)
-from napari_mammodino.tissue_widget import TissueWidget, run_steps, source_of, tissue_steps
-from training.io import open_file
-from training.sampler import sample_images
+from napari_mammodino.widgets.sampler_qa import (SamplerQAWidget, box_rectangle, masked_patch_planes,
+    sample_steps)
+from napari_mammodino.widgets.tissue import TissueWidget, run_steps, source_of, tissue_steps
+from training.dicom.io import open_file
+from training.sampler.sampler import sample_images
 
 PLUGIN = "napari-mammodino"
 SPACING = (0.1, 0.1)

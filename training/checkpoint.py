@@ -29,7 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .errors import MammoInputError
+from training.errors import MammoInputError
 
 FORMAT = "mammodino-checkpoint/1"
 METADATA_KEY = "mammodino"

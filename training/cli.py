@@ -12,7 +12,7 @@ import sys
 import warnings
 from typing import Any, Callable
 
-from .errors import MammoInputError
+from training.errors import MammoInputError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -23,8 +23,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
-    from .display import voi_names
-    from .io import open_image
+    from training.dicom.display import voi_names
+    from training.dicom.io import open_image
 
     image = open_image(args.path)
     report = image.meta.to_json()
@@ -52,8 +52,8 @@ def args_info(parser: argparse.ArgumentParser) -> None:
 def cmd_tissue(args: argparse.Namespace) -> dict[str, Any]:
     import time
 
-    from .io import open_image
-    from .tissue import tissue_of
+    from training.dicom.io import open_image
+    from training.tissue import tissue_of
 
     image = open_image(args.path)
     meta = image.meta
@@ -95,8 +95,8 @@ def args_tissue(parser: argparse.ArgumentParser) -> None:
 def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
     from pathlib import Path
 
-    from .io import open_image
-    from .sampler import SamplerConfig, sample_images
+    from training.dicom.io import open_image
+    from training.sampler.sampler import SamplerConfig, sample_images
 
     if not 1 <= args.n <= 1000:
         raise MammoInputError(f"--n {args.n}: draw between 1 and 1000 samples")
@@ -138,12 +138,12 @@ def args_sample(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--naive", action="store_true", help="plain DINOv2 sampling (no tissue constraint)")
     parser.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
     parser.add_argument("--frame", type=int, help="DBT: anchor slice of the pairs (default: drawn from the seed)")
-    parser.add_argument("--config", help="JSON file of sampler settings (training.sampler.SamplerConfig fields)")
+    parser.add_argument("--config", help="JSON file of sampler settings (training.sampler.sampler.SamplerConfig fields)")
     parser.add_argument("--json", action="store_true", help="print exactly one JSON object (the QA records)")
 
 
 def cmd_phantom(args: argparse.Namespace) -> dict[str, Any]:
-    from .phantom.writer import generate, parse_shape
+    from training.phantom.writer import generate, parse_shape
 
     shape = parse_shape(args.shape) if args.shape else None
     return generate(args.out, args.kind, args.n, args.seed, density=args.density, lesion=args.lesion,
@@ -167,8 +167,8 @@ def args_phantom(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
-    from .configs import load_config
-    from .pretrain import TrainingStopped, pretrain
+    from training.ssl.presets import load_config
+    from training.ssl.pretrain import TrainingStopped, pretrain
 
     if args.max_steps is not None and args.max_steps < 0:
         raise MammoInputError(f"--max-steps {args.max_steps}: must be >= 0")
@@ -239,7 +239,7 @@ def args_pretrain(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_monitor(args: argparse.Namespace) -> dict[str, Any]:
-    from .learning_curve import evaluate
+    from training.evaluate.learning_curve import evaluate
 
     if args.real is None and args.phantom is None:
         raise MammoInputError("name the data: --real CSV and/or --phantom CSV")
@@ -252,7 +252,7 @@ def cmd_monitor(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def args_monitor(parser: argparse.ArgumentParser) -> None:
-    from .learning_curve import DEFAULT_K, DEFAULT_MAX_IMAGES, DEFAULT_RESOLUTION
+    from training.evaluate.learning_curve import DEFAULT_K, DEFAULT_MAX_IMAGES, DEFAULT_RESOLUTION
 
     parser.add_argument("--checkpoint", help="encoder: a .safetensors checkpoint or run folder, random:PRESET "
                         "(e.g. random:cpu-tiny, the untrained baseline), a DINOv2 file (default: the demo encoder)")
@@ -268,7 +268,7 @@ def args_monitor(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
-    from .cache import CacheSettings, build_cache
+    from training.ssl.cache import CacheSettings, build_cache
 
     if args.workers is not None and args.workers < 1:
         raise MammoInputError(f"--workers {args.workers}: must be >= 1")
@@ -294,7 +294,7 @@ def args_cache(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
-    from .finetune import FinetuneConfig, finetune
+    from training.evaluate.heads.classify import FinetuneConfig, finetune
 
     config = FinetuneConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             val_fraction=args.val_fraction, patience=args.patience, resolution=args.resolution,
@@ -339,7 +339,7 @@ def args_finetune(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
-    from .infer import infer_command
+    from training.evaluate.infer import infer_command
 
     report = infer_command(args.path, args.checkpoint, args.out, frame=args.frame, all_slices=args.all_slices,
                            resolution=args.resolution, rollout=args.rollout)
@@ -384,7 +384,7 @@ def _feature_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_probe(args: argparse.Namespace) -> dict[str, Any]:
-    from .probe import run_probe
+    from training.evaluate.probe import run_probe
 
     report = run_probe(args.labels, args.target, data=args.data, group=args.group, folds=args.folds, seed=args.seed,
                        n_boot=args.boot, **_feature_options(args))
@@ -412,7 +412,7 @@ def args_probe(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_embed(args: argparse.Namespace) -> dict[str, Any]:
-    from .retrieval import run_embed
+    from training.evaluate.retrieval import run_embed
 
     report = run_embed(args.data, args.out, labels=args.labels, targets=args.target or [], group=args.group,
                        query=args.query, k=args.k, **_feature_options(args))
@@ -439,8 +439,8 @@ def args_embed(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_corpus(args: argparse.Namespace) -> dict[str, Any]:
-    from .corpus import build_corpus
-    from .phantom.writer import parse_shape
+    from training.ssl.corpus import build_corpus
+    from training.phantom.writer import parse_shape
 
     shape = None if args.shape in ("full", "none") else parse_shape(args.shape)
     return build_corpus(args.out, args.data_root, phantoms=args.phantoms, dbt_phantoms=args.dbt_phantoms,
@@ -449,7 +449,8 @@ def cmd_corpus(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def args_corpus(parser: argparse.ArgumentParser) -> None:
-    from .corpus import DEFAULT_BENCH_PHANTOMS, DEFAULT_DBT_PHANTOMS, DEFAULT_FRACTION, DEFAULT_PHANTOMS, DEFAULT_SHAPE
+    from training.ssl.corpus import (DEFAULT_BENCH_PHANTOMS, DEFAULT_DBT_PHANTOMS, DEFAULT_FRACTION,
+        DEFAULT_PHANTOMS, DEFAULT_SHAPE)
 
     parser.add_argument("--out", required=True, help="corpus folder: corpus/pretrain/heldout/bench/real.csv, "
                         "corpus.json, corpus.log, phantoms/")

@@ -15,7 +15,7 @@ import types
 import typing
 from typing import Any, Literal, Sequence, TypeVar, Union
 
-from .errors import MammoInputError
+from training.errors import MammoInputError
 
 T = TypeVar("T")
 

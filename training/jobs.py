@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import MammoInputError
+from training.errors import MammoInputError
 
 KINDS = ("pretrain", "finetune")
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
@@ -43,7 +43,7 @@ OBSERVED_QUIET_S = 600  # a run started elsewhere counts as running while it wro
 METRICS_FILE = "metrics.jsonl"
 # Loss terms in the order a plot should list them (pretrain logs "total", finetune "loss"/"val_loss").
 LOSS_ORDER = ("total", "loss", "val_loss", "dino", "ibot", "koleo", "dbt")
-_PRESETS = Path(__file__).resolve().parent / "configs"
+_PRESETS = Path(__file__).resolve().parent / "ssl" / "presets"  # not imported: it pulls in torch
 _RESERVED = ("--out", "--quiet", "--json")
 
 # Jobs this process launched: polling their Popen reaps them (no zombie that os.kill(pid, 0) would
@@ -77,7 +77,7 @@ def to_argv(args: Mapping[str, Any] | Sequence[str]) -> list[str]:
 def cli_options(kind: str) -> frozenset[str]:
     """The options ``mammodino KIND`` accepts in this installation (read from the CLI's own parser, so
     the widget offers ``--device`` only where the trainer has it)."""
-    from .cli import build_parser
+    from training.cli import build_parser
 
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
@@ -129,7 +129,7 @@ def plan(kind: str, argv: Sequence[str]) -> dict[str, Any]:
     if name and not path.suffix and (_PRESETS / f"{name}.json").is_file():
         path = _PRESETS / f"{name}.json"
     try:
-        from .config import apply_overrides
+        from training.config import apply_overrides
 
         config = apply_overrides(json.loads(path.read_text(encoding="utf-8")), option_values(argv, "--set"))
     except (OSError, ValueError, MammoInputError, AttributeError):
@@ -234,7 +234,7 @@ class JsonlReader:
 
 
 def is_eval(row: Mapping[str, Any]) -> bool:
-    """A learning-curve line (``{"step", "kind": "eval", "eval": {...}}``, :mod:`training.learning_curve`),
+    """A learning-curve line (``{"step", "kind": "eval", "eval": {...}}``, :mod:`training.evaluate.learning_curve`),
     not a training step's metrics."""
     return row.get("kind") == "eval"
 
@@ -529,7 +529,7 @@ class Job:
 def _observed_info(run_dir: Path) -> dict[str, Any]:
     """What a run folder without job.json says about its job: the command, total steps and batch size
     from its newest checkpoint's metadata (a run not yet at its first checkpoint: none known)."""
-    from .checkpoint import read_metadata
+    from training.checkpoint import read_metadata
 
     last = run_dir / "checkpoints" / "last.safetensors"
     meta: dict[str, Any] = {}

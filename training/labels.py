@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import MammoInputError
+from training.errors import MammoInputError
 
 
 @dataclass

@@ -47,10 +47,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage as ndi
 
-from .errors import MammoInputError
+from training.errors import MammoInputError
 
 if TYPE_CHECKING:  # io pulls in pydicom; tissue needs only the type
-    from .io import MammoImage
+    from training.dicom.io import MammoImage
 
 TARGET_SIDE = 512  # thumbnail long side: 8x8 blocks for a 4000 x 3000 image
 N_BINS = 256
@@ -164,7 +164,7 @@ def segment_volume(volume: Any, *, spacing_mm: tuple[float, ...] | None = None,
 
 def tissue_of(image: "MammoImage", index: int | None = None, *, shared: bool = False,
               pixels: np.ndarray | None = None) -> TissueResult:
-    """Tissue of a :class:`~training.io.MammoImage`: the 2D image, frame `index` of a DBT, or
+    """Tissue of a :class:`~training.dicom.io.MammoImage`: the 2D image, frame `index` of a DBT, or
     (index None) the whole DBT volume. Photometric, spacing and view come from its header; the
     chest-wall side from PatientOrientation when the header has it. ``pixels``: that frame, already
     decoded by the caller (it is not decoded again)."""
@@ -415,7 +415,7 @@ def _repeats(n_low: int, factor: int, n_full: int) -> np.ndarray:
 
 def _side_from_orientation(orientation: list[str]) -> str | None:
     """PatientOrientation's first value is the direction of increasing column: A (towards the
-    nipple) puts the chest wall on the left, P on the right (as training.hanging reads it)."""
+    nipple) puts the chest wall on the left, P on the right (as training.dicom.hanging reads it)."""
     if len(orientation) == 2 and orientation[0][:1] in ("A", "P"):
         return "left" if orientation[0].startswith("A") else "right"
     return None

@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import MammoInputError
-from . import anatomy
-from .acquisition import Acquisition, acquire_dbt, acquire_ffdm
-from .anatomy import CalcSpec, MassSpec
+from training.errors import MammoInputError
+from training.phantom import anatomy
+from training.phantom.acquisition import Acquisition, acquire_dbt, acquire_ffdm
+from training.phantom.anatomy import CalcSpec, MassSpec
 
 __all__ = ["LesionTruth", "SimulatedImage", "simulate_ffdm", "simulate_dbt", "simulate_exam"]
 

@@ -46,7 +46,7 @@ from scipy import fft as sfft
 from scipy import ndimage
 from threadpoolctl import threadpool_limits
 
-from .anatomy import MU_PER_MM, CalcCluster, LesionVolume, Phantom
+from training.phantom.anatomy import MU_PER_MM, CalcCluster, LesionVolume, Phantom
 
 BITS_STORED = 12
 

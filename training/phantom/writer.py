@@ -50,10 +50,10 @@ from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pydicom.valuerep import format_number_as_ds
 
-from ..errors import MammoInputError
+from training.errors import MammoInputError
 
 if TYPE_CHECKING:
-    from . import SimulatedImage
+    from training.phantom import SimulatedImage
 
 MG_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.2")  # Digital Mammography X-Ray - For Presentation
 BREAST_TOMOSYNTHESIS = UID("1.2.840.10008.5.1.4.1.1.13.1.3")  # Breast Tomosynthesis Image Storage
@@ -696,7 +696,7 @@ def patient_id_of(seed: int, item: int) -> str:
 
 def make_item(job: ItemJob) -> list[dict[str, Any]]:
     """Simulate and write one dataset item (an image, a volume or a four-view exam); its rows."""
-    from . import simulate_dbt, simulate_exam, simulate_ffdm
+    from training.phantom import simulate_dbt, simulate_exam, simulate_ffdm
 
     seed = item_seed(job.seed, job.item)
     options = dict(density=job.density, lesion=job.lesion, shape=job.shape)
@@ -817,7 +817,7 @@ def write_sample_set(out_dir: str | os.PathLike, parts: Sequence[str] = SAMPLE_P
     * ``dbt_series/``: the same volume as a per-slice series;
     * ``jpeg2000/``: the same volume, JPEG 2000 lossless, one fragment per frame.
     Same code and library versions -> the same bytes."""
-    from . import simulate_dbt, simulate_exam
+    from training.phantom import simulate_dbt, simulate_exam
 
     unknown = set(parts) - set(SAMPLE_PARTS)
     if unknown:

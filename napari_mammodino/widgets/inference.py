@@ -1,0 +1,498 @@
+"""The "Inference" widget: one click runs an encoder on the selected image and adds what it looks at
+(attention), how it groups the tissue (feature PCA) and what it predicts, as layers on the image in mm.
+
+The widget is thin: :mod:`training.evaluate.infer` does the work (the same code as ``mammodino infer``), this
+module loads the encoder in a thread worker, places the maps and shows the predictions.
+
+* Placement. An FFDM's maps are patch grids: patch (i, j) of a map lies where
+  :func:`training.evaluate.infer.patch_placement` says on the image, and the image layer's scale, translate,
+  rotation and shear carry that into the world (mm). A view the hanging protocol mirrored
+  (``metadata["flipped"]``) gets mirrored maps.
+* DBT. Attention (and every other map) of a volume is a :class:`training.evaluate.infer.LazyAttentionStack`
+  on the volume's grid: the slice on screen is computed first, by the Run worker; any other slice
+  when the user scrolls to it, in a background worker (the layer shows nothing there until it is
+  ready, and refreshes then), so scrolling a 60-slice volume never waits for the encoder. Slices are
+  cached (LRU) and shared by all maps.
+* Failures. A checkpoint that does not load, a bad resolution or an image without tissue is one
+  line in the widget and a napari notification; Cancel stops within one transformer block.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+from napari.layers import Image
+from qtpy.QtCore import Qt, Signal
+from qtpy.QtWidgets import (QComboBox, QFileDialog, QFormLayout, QHBoxLayout, QLabel, QLineEdit, QProgressBar,
+                            QPushButton, QSlider, QSpinBox, QVBoxLayout, QWidget)
+
+# torch._dynamo (imported through timm -> torchvision) loads triton, torch's GPU kernel compiler, when
+# it is installed. Loaded after napari has made its OpenGL context, triton's bundled LLVM clashes with
+# Mesa's llvmpipe (Xvfb, headless servers, VMs) and the process segfaults. The viewer never compiles
+# kernels (training runs in subprocesses), so unless something already loaded it, keep it out.
+sys.modules.setdefault("triton", None)
+
+from training.evaluate.encoder import Encoder, load_encoder  # noqa: E402 (after the triton guard)
+from training.errors import MammoInputError  # noqa: E402
+from training.evaluate.infer import (N_STEPS, InferenceCancelled, InferenceResult, LazyAttentionStack,
+    SliceResults, Steps, display_limits, export, inference_steps, patch_placement, run_steps)
+
+from napari_mammodino.widgets.tissue import ImageSource, source_of
+
+if TYPE_CHECKING:
+    import napari
+
+MODES = {"mean over heads": "last", "per head": "last", "rollout": "rollout"}
+TAG = "mammodino_inference"  # layer metadata key of the layers this widget adds
+ATTENTION_COLORMAP = "inferno"  # perceptually uniform, dark = little attention (additive blending)
+HEATMAP_COLORMAP = "red"
+
+
+# --- what one run needs and gives ------------------------------------------------------------------
+
+@dataclass
+class Request:
+    """One click: the encoder spec, the image and how to run it."""
+
+    spec: str | None  # None: the demo encoder
+    source: ImageSource
+    image: Any  # a MammoImage, or the layer's data as shown for other layers
+    frame: int | None  # the DBT slice on screen
+    resolution: int | None
+    mode: str
+
+    @property
+    def attention(self) -> str:
+        return MODES[self.mode]
+
+
+@dataclass
+class Done:
+    encoder: Encoder
+    result: InferenceResult
+
+
+@dataclass
+class Refused:
+    """A user mistake or a checkpoint that does not load: said in one line."""
+
+    message: str
+
+
+class Cancelled:
+    """Cancel was pressed: nothing is drawn."""
+
+
+def inference_job(request: Request, load: Callable[[str | None], Encoder], stop: threading.Event) -> Steps:
+    """Load the encoder, then infer: yields (done, total), returns Done, Refused or Cancelled (never
+    raises for a user mistake: a worker's exception would reach the user as a traceback)."""
+    total = 1 + N_STEPS
+    try:
+        yield 0, total
+        try:
+            encoder = load(request.spec)
+        except MammoInputError:
+            raise
+        except Exception as exc:  # a damaged file can fail anywhere in the loader: still one line
+            reason = " ".join(str(exc).split())  # one line, whatever the library said
+            raise MammoInputError(f"cannot load the checkpoint {request.spec or 'demo'}: "
+                                  f"{type(exc).__name__}: {reason}") from None
+        yield 1, total
+        steps = inference_steps(encoder, request.image, request.frame, request.resolution, request.attention,
+                                should_stop=stop.is_set)
+        result = yield from shifted(steps, 1, total)
+        return Done(encoder, result)
+    except MammoInputError as exc:
+        return Refused(str(exc))
+    except InferenceCancelled:
+        return Cancelled()
+
+
+def shifted(steps: Steps, offset: int, total: int) -> Steps:
+    """Re-yield a step generator's steps as (offset + done, total); return what it returns."""
+    while True:
+        try:
+            done, _ = next(steps)
+        except StopIteration as stop:
+            return stop.value
+        yield offset + done, total
+
+
+# --- placing maps on an image layer --------------------------------------------------------------
+
+def patch_grid(layer: Image, result: InferenceResult, flipped: bool) -> dict[str, Any]:
+    """Layer keywords that put a (h, w) patch map of ``result`` on a 2D image layer: patch (i, j)'s
+    centre lands on the image pixels it summarises, through every part of the layer's transform."""
+    from napari.utils.transforms import Affine
+
+    origin, step = patch_placement(result.prepared, flipped)
+    physical = Affine(scale=layer.scale, translate=layer.translate, rotate=layer.rotate, shear=layer.shear)
+    return dict(scale=tuple(np.multiply(layer.scale, step)), translate=tuple(physical(np.asarray(origin))),
+                rotate=layer.rotate, shear=layer.shear, affine=layer.affine.affine_matrix,
+                units=tuple(str(u) for u in layer.units))
+
+
+def map_names(result: InferenceResult, mode: str) -> list[tuple[str, str]]:
+    """(layer suffix, :meth:`InferenceResult.map` name) of the maps a mode shows."""
+    if mode == "per head":
+        maps = [(f"attention head {k}", f"head:{k}") for k in range(result.head_attention.shape[0])]
+    elif mode == "rollout":
+        maps = [("attention rollout", "rollout")]
+    else:
+        maps = [("attention", "mean")]
+    return maps + [("features PCA", "pca")] + [(f"{task} heatmap", f"heatmap:{task}") for task in result.heatmaps]
+
+
+def describe(result: InferenceResult) -> str:
+    """The predictions and the attention summary, for people."""
+    enc = result.encoder
+    lines = [f"encoder: {enc.get('source', '?')} (ViT-{enc.get('arch')}/{enc.get('patch_size')}, "
+             f"input {max(result.prepared.pixels.shape)} px)"]
+    if result.frame is not None:
+        lines.append(f"slice {result.frame}")
+    lines.append(f"attention in tissue: {100 * result.attention_in_tissue:.1f}% "
+                 f"(tissue covers {100 * result.tissue_share:.1f}% of the input)")
+    lines.append(f"attention peak: {float(result.map('attention').max()):.2f}x uniform")
+    if not result.predictions and not result.heatmaps:
+        lines.append("no task heads in this encoder: attention and features only")
+    for task, probabilities in result.predictions.items():
+        ranked = sorted(probabilities.items(), key=lambda item: -item[1])
+        lines.append(f"{task}: " + " · ".join(f"{name} {100 * p:.0f}%" for name, p in ranked))
+    for task, heatmap in result.heatmaps.items():
+        lines.append(f"{task} heatmap: peak {float(heatmap.max()):.2f}")
+    return "\n".join(lines)
+
+
+# --- the widget -----------------------------------------------------------------------------------
+
+class InferenceWidget(QWidget):
+    """Run an encoder on the selected image: attention, feature PCA, task-head predictions."""
+
+    _slice_wanted = Signal(object, int)  # (SliceResults, index): queued to the main thread from any thread
+
+    def __init__(self, napari_viewer: "napari.Viewer"):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.checkpoint = QLineEdit()
+        self.checkpoint.setPlaceholderText("demo encoder")
+        self.checkpoint.setToolTip("empty: the demo encoder; a .safetensors checkpoint or encoder, a training run "
+                                   "folder, or random:ARCH[/PATCH] (e.g. random:tiny/16)")
+        self.browse = QPushButton("…")
+        self.browse.setToolTip("choose a .safetensors checkpoint")
+        self.image = QComboBox()
+        self.resolution = QSpinBox()
+        self.resolution.setRange(0, 4096)
+        self.resolution.setSingleStep(14)
+        self.resolution.setSpecialValueText("encoder's own")
+        self.resolution.setToolTip("long side of the encoder's input in pixels")
+        self.mode = QComboBox()
+        self.mode.addItems(list(MODES))
+        self.opacity = QSlider(Qt.Orientation.Horizontal)
+        self.opacity.setRange(0, 100)
+        self.opacity.setValue(80)
+        self.run_button = QPushButton("Run")
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.export_button = QPushButton("Export…")
+        self.export_button.setEnabled(False)
+        self.progress = QProgressBar()
+        self.progress.setRange(0, 1)
+        self.message = QLabel("")
+        self.message.setWordWrap(True)
+        self.message.setStyleSheet("color: #ff6b6b")
+        self.results = QLabel("")
+        self.results.setWordWrap(True)
+        self.results.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+
+        picker = QHBoxLayout()
+        picker.addWidget(self.checkpoint)
+        picker.addWidget(self.browse)
+        form = QFormLayout()
+        form.addRow("encoder", picker)
+        form.addRow("image", self.image)
+        form.addRow("resolution", self.resolution)
+        form.addRow("attention", self.mode)
+        form.addRow("opacity", self.opacity)
+        buttons = QHBoxLayout()
+        for button in (self.run_button, self.cancel_button, self.export_button):
+            buttons.addWidget(button)
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addLayout(buttons)
+        layout.addWidget(self.progress)
+        layout.addWidget(self.message)
+        layout.addWidget(self.results)
+        layout.addStretch(1)
+
+        self.worker: Any = None
+        self.request: Request | None = None  # what the shown layers were computed from
+        self.result: InferenceResult | None = None  # the shown (slice's) result
+        self.slices: SliceResults | None = None  # DBT: per-slice results behind the lazy layers
+        self.layers: list[Image] = []
+        self._encoder: tuple[str | None, Encoder] | None = None
+        self._stop = threading.Event()
+        self._pending: set[int] = set()
+        self._wanted: int | None = None
+
+        self.browse.clicked.connect(self._browse)
+        self.checkpoint.textChanged.connect(lambda _: self.message.setText(""))
+        self.run_button.clicked.connect(self.start)
+        self.cancel_button.clicked.connect(self.cancel)
+        self.export_button.clicked.connect(self._export_dialog)
+        self.opacity.valueChanged.connect(self._set_opacity)
+        self._slice_wanted.connect(self._compute_slice)
+        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
+            event.connect(self._refresh_images)
+        napari_viewer.layers.selection.events.active.connect(self._follow_selection)
+        napari_viewer.dims.events.current_step.connect(self._slice_changed)
+        self._refresh_images()
+        self._follow_selection()
+
+    # --- public -------------------------------------------------------------------------------------
+    def use_checkpoint(self, path: str) -> None:
+        """Use this checkpoint (a .safetensors file or a training run folder) from the next Run on: the
+        training-jobs widget hands its latest checkpoint over with this."""
+        self.checkpoint.setText(str(path))
+        self._encoder = None
+        self.results.setText(f"checkpoint {path}: click Run")
+
+    def select_image(self, layer: Image) -> None:
+        """Run on this image layer."""
+        self._refresh_images()
+        index = self.image.findData(layer)
+        if index < 0:
+            raise MammoInputError(f"Inference: {layer.name!r} is not an image layer of this viewer")
+        self.image.setCurrentIndex(index)
+
+    def spec(self) -> str | None:
+        return self.checkpoint.text().strip() or None
+
+    def start(self) -> Any:
+        """Run in a napari thread worker; the layers appear when it is done. Returns the worker."""
+        from napari.qt.threading import create_worker
+
+        try:
+            request = self._make_request()
+        except MammoInputError as exc:
+            return self._refuse(str(exc))
+        self._stop = threading.Event()
+        self._busy(True)
+        self.worker = create_worker(inference_job, request, self._load, self._stop,
+                                    _connect={"yielded": self._step, "returned": lambda out: self._finish(request, out),
+                                              "aborted": lambda: self._finish(request, Cancelled()),
+                                              "errored": lambda exc: self._busy(False)})
+        return self.worker
+
+    def compute(self) -> list[Image] | None:
+        """The same work in this thread (scripts and tests): the layers added, or None after a refusal."""
+        try:
+            request = self._make_request()
+        except MammoInputError as exc:
+            return self._refuse(str(exc))
+        self._stop = threading.Event()
+        outcome = run_steps(inference_job(request, self._load, self._stop), lambda d, t: self._step((d, t)))
+        return self._finish(request, outcome)
+
+    def cancel(self) -> None:
+        """Stop the running inference (within one transformer block)."""
+        self._stop.set()
+        if self.worker is not None:
+            self.worker.quit()
+
+    def export_to(self, folder: str | Path) -> dict[str, str]:
+        """Write the shown result (PNG overlays, NPY maps, JSON predictions) into ``folder``."""
+        if self.result is None or self.request is None:
+            raise MammoInputError("Inference: nothing to export yet (click Run first)")
+        prefix = f"slice{self.result.frame:03d}_" if self.result.frame is not None else ""
+        return export(self.result, folder, image=self.request.image, prefix=prefix)
+
+    # --- running --------------------------------------------------------------------------------------
+    def _load(self, spec: str | None) -> Encoder:
+        """The encoder of ``spec`` (the last one stays loaded)."""
+        cached = self._encoder
+        if cached is not None and cached[0] == spec:
+            return cached[1]
+        encoder = load_encoder(spec)
+        self._encoder = (spec, encoder)
+        return encoder
+
+    def _make_request(self) -> Request:
+        layer = self.image.currentData()
+        if layer is None or layer not in self.viewer.layers:
+            raise MammoInputError("Inference: open an image first (no image layer is selected)")
+        source = source_of(layer)
+        if source.image is not None:
+            image = source.image
+        else:  # another plugin's layer: its values as shown
+            image = source.data if source.is_volume else np.asarray(source.data)
+        frame = source.slice_index(self.viewer) if source.is_volume else None
+        return Request(self.spec(), source, image, frame, self.resolution.value() or None, self.mode.currentText())
+
+    def _step(self, value: tuple[int, int]) -> None:
+        self.progress.setMaximum(value[1])
+        self.progress.setValue(value[0])
+
+    def _busy(self, busy: bool) -> None:
+        self.run_button.setEnabled(not busy)
+        self.cancel_button.setEnabled(busy)
+        if busy:
+            self.message.setText("")
+            self.results.setText("running…")
+
+    def _refuse(self, message: str) -> None:
+        from napari.utils.notifications import show_error
+
+        self._busy(False)
+        self.message.setText(message)
+        self.results.setText("")
+        show_error(message)
+        return None
+
+    def _finish(self, request: Request, outcome: Any) -> list[Image] | None:
+        self._busy(False)
+        if isinstance(outcome, Refused):
+            return self._refuse(outcome.message)
+        if isinstance(outcome, Cancelled):
+            self.results.setText("cancelled")
+            self.progress.setValue(0)
+            return None
+        return self.draw(request, outcome.encoder, outcome.result)
+
+    # --- drawing --------------------------------------------------------------------------------------
+    def draw(self, request: Request, encoder: Encoder, result: InferenceResult) -> list[Image]:
+        """Replace this image's previous inference layers by the maps of ``result``."""
+        source = request.source
+        for layer in [la for la in self.viewer.layers if la.metadata.get(TAG, {}).get("image") == source.name]:
+            self.viewer.layers.remove(layer)
+        self.request, self.result = request, result
+        names = map_names(result, request.mode)
+        if source.is_volume:
+            self.slices = SliceResults(encoder, request.image, request.resolution, request.attention)
+            self.slices.put(result.frame, result)  # the slice on screen: already computed
+            self._pending.clear()
+            lazy = LazyAttentionStack(results=self.slices, flipped=source.flipped,
+                                      request=lambda i, slices=self.slices: self._slice_wanted.emit(slices, i))
+            grid = source.grid()
+            data = {show: lazy.view(show) for _, show in names}
+        else:
+            self.slices = None
+            grid = patch_grid(source.layer, result, source.flipped)
+            data = {show: result.map(show) for _, show in names}
+            if source.flipped:
+                data = {show: values[:, ::-1] for show, values in data.items()}
+        layers = []
+        for k, (suffix, show) in enumerate(names):
+            metadata = {TAG: {"image": source.name, "map": show, "flipped": source.flipped, "frame": result.frame,
+                              "encoder": result.encoder.get("source")}}
+            style = self._style(show, first=k == 0, limits=display_limits(result.map(show)))
+            visible = style.pop("visible")
+            # Added hidden: a new layer first slices itself at slice 0, which a lazy stack would compute.
+            layer = Image(data[show], name=f"{source.name} {suffix}", metadata=metadata, visible=False,
+                          **grid, **style)
+            self.viewer.add_layer(layer)
+            layer.visible = visible
+            layers.append(layer)
+        self.layers = layers
+        self.viewer.layers.selection.active = source.layer  # keep the image selected
+        self.results.setText(describe(result))
+        self.export_button.setEnabled(True)
+        self.progress.setValue(self.progress.maximum())
+        return layers
+
+    def _style(self, show: str, first: bool, limits: tuple[float, float]) -> dict[str, Any]:
+        if show == "pca":  # hidden at first: one click shows attention; the PCA is one eye-click away
+            return dict(rgb=True, blending="translucent", opacity=0.7, visible=False)
+        if show.startswith("heatmap:"):
+            return dict(colormap=HEATMAP_COLORMAP, blending="additive", contrast_limits=(0.0, 1.0),
+                        opacity=self.opacity.value() / 100, visible=True)
+        # Attention in multiples of uniform, dark at uniform: only what the model favours glows. The
+        # limits come from the slice computed first (a lazy stack can't look at the others).
+        # Per head: only the first head shown (additive blending would sum the others on top).
+        return dict(colormap=ATTENTION_COLORMAP, blending="additive", contrast_limits=limits,
+                    opacity=self.opacity.value() / 100, visible=first)
+
+    def _set_opacity(self, value: int) -> None:
+        for layer in self.layers:
+            if layer in self.viewer.layers and layer.metadata[TAG]["map"] != "pca":
+                layer.opacity = value / 100
+
+    # --- DBT: the other slices, in the background ------------------------------------------------------
+    def _compute_slice(self, slices: SliceResults, index: int) -> None:
+        """A lazy layer met slice ``index`` uncomputed: compute it in a worker, unless the user has
+        scrolled on by the time the worker starts (only the slice on screen is worth the encoder)."""
+        from napari.qt.threading import create_worker
+
+        if slices is not self.slices:  # layers of an older run
+            return
+        self._wanted = index
+        if index in self._pending:
+            return
+        self._pending.add(index)
+        self.results.setText(f"slice {index}: computing…")
+
+        def work() -> InferenceResult | None:
+            return slices.get(index) if self._wanted == index and slices is self.slices else None
+
+        def ready(result: InferenceResult | None) -> None:
+            self._pending.discard(index)
+            if result is None or slices is not self.slices:
+                return
+            for layer in self.layers:
+                if layer in self.viewer.layers:
+                    layer.refresh()
+            self._slice_changed()
+
+        def failed(exc: Exception) -> None:
+            self._pending.discard(index)
+            self._refuse(f"slice {index}: {exc}")
+
+        create_worker(work, _connect={"returned": ready, "errored": failed})
+
+    def _slice_changed(self, event: Any = None) -> None:
+        """Scrolling a volume with inference layers: the text follows the slice on screen."""
+        if self.slices is None or self.request is None or self.request.source.layer not in self.viewer.layers:
+            return
+        index = self.request.source.slice_index(self.viewer)
+        found = self.slices.peek(index)
+        if found is not None:
+            self.result = found
+            self.results.setText(describe(found))
+
+    # --- image choice ---------------------------------------------------------------------------------
+    def _refresh_images(self, event: Any = None) -> None:
+        current = self.image.currentData()
+        self.image.blockSignals(True)
+        self.image.clear()
+        for layer in self.viewer.layers:
+            if isinstance(layer, Image) and TAG not in layer.metadata:
+                self.image.addItem(layer.name, layer)
+        index = self.image.findData(current) if current is not None else -1
+        self.image.setCurrentIndex(max(index, 0) if self.image.count() else -1)
+        self.image.blockSignals(False)
+
+    def _follow_selection(self, event: Any = None) -> None:
+        active = self.viewer.layers.selection.active
+        if isinstance(active, Image) and TAG not in active.metadata:
+            self.select_image(active)
+
+    def _browse(self) -> None:
+        path, _ = QFileDialog.getOpenFileName(self, "Encoder checkpoint", "", "safetensors (*.safetensors);;all (*)")
+        if path:
+            self.use_checkpoint(path)
+
+    def _export_dialog(self) -> None:
+        folder = QFileDialog.getExistingDirectory(self, "Export inference results to")
+        if not folder:
+            return
+        try:
+            files = self.export_to(folder)
+        except MammoInputError as exc:
+            self._refuse(str(exc))
+            return
+        self.message.setText("")
+        self.results.setText(self.results.text() + f"\nexported {len(files)} files to {folder}")

@@ -1,0 +1,612 @@
+"""One-click inference: what a trained encoder looks at and what it predicts, for one image.
+
+:func:`infer_image` runs an :class:`~training.evaluate.encoder.Encoder` on a mammogram (or one DBT slice),
+pre-processed exactly as in training (:meth:`Encoder.prepare`: tissue box, tissue-percentile
+intensities, resolution), and returns an :class:`InferenceResult`:
+
+* the last layer's class-token-to-patch attention, per head and averaged over heads, and optionally
+  the attention rollout (Abnar & Zuidema 2020) over all layers;
+* a PCA of the patch features as RGB (the DINOv2 paper's feature visualisation, Oquab et al. 2023,
+  Fig. 1): three components fitted on the tissue patches of this image;
+* the predictions of the encoder's image task heads (named classes with probabilities) and the
+  heatmaps of its patch heads;
+* ``attention_in_tissue``, the share of attention mass inside the breast-tissue mask;
+* the :class:`~training.evaluate.encoder.Prepared` geometry that places each patch map on the image.
+
+It is written as a generator of ``(done, total)`` progress steps (:func:`inference_steps`), so the
+napari widget runs the very same code in a thread worker and tests and the CLI run it in place.
+:func:`export` writes PNG overlays, NPY maps and JSON predictions. For tomosynthesis,
+:class:`LazyAttentionStack` is a (slices, rows, cols) array whose slices are computed when indexed
+(napari indexes the slice on screen) and kept in a bounded cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+
+from training.evaluate.encoder import Encoder, Output, Prepared, read_frame, slice_index
+from training.errors import MammoInputError
+from training.progress import Steps, run_steps  # noqa: F401 (run_steps: the widget's and tests' entry)
+
+Attention = Literal["last", "rollout"]
+TISSUE_PATCH = 0.5  # a patch at least half inside the tissue mask is a tissue patch (PCA fit, PCA shown)
+PCA_PERCENTILES = (1.0, 99.0)  # robust per-channel range of the PCA colours
+N_STEPS = 4  # read + tissue, prepare, forward, maps
+
+# The encoder's attention hooks switch timm's fused attention off and on around each pass, so two
+# passes at once (the widget's worker and napari scrolling a lazy stack) must not interleave.
+_FORWARD = threading.Lock()
+
+
+class InferenceCancelled(Exception):
+    """``should_stop()`` said stop; nothing was produced."""
+
+
+# --- the result -----------------------------------------------------------------------------------
+
+@dataclass
+class InferenceResult:
+    """Maps and predictions of one image (patch grid (h, w) of ``prepared``).
+
+    ``attention`` (h, w) last-layer class-token attention averaged over heads (sums to 1);
+    ``head_attention`` (heads, h, w) the same per head (each sums to 1); ``rollout`` (h, w) or None;
+    ``pca`` (h, w, 3) float32 in [0, 1] (0 on patches outside the tissue); ``pca_explained`` the
+    explained-variance ratio of its three components; ``predictions`` {task: {class: probability}};
+    ``heatmaps`` {task: (h, w) probability of the head's last class}; ``attention_in_tissue`` see
+    :func:`attention_in_tissue`; ``tissue_share`` the same with uniform attention (the mean patch
+    tissue fraction: the chance level to compare with); ``kind`` the attention the maps were asked
+    for ("last" or "rollout")."""
+
+    prepared: Prepared
+    attention: np.ndarray
+    head_attention: np.ndarray
+    rollout: np.ndarray | None
+    pca: np.ndarray
+    pca_explained: np.ndarray
+    predictions: dict[str, dict[str, float]]
+    heatmaps: dict[str, np.ndarray]
+    attention_in_tissue: float
+    tissue_share: float
+    kind: Attention
+    encoder: dict[str, Any] = field(default_factory=dict)
+    path: str | None = None
+
+    @property
+    def frame(self) -> int | None:
+        return self.prepared.frame
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.prepared.grid
+
+    @property
+    def shown(self) -> np.ndarray:
+        """The attention map asked for: the rollout for ``kind="rollout"``, else the head mean."""
+        return self.rollout if self.kind == "rollout" and self.rollout is not None else self.attention
+
+    def map(self, name: str) -> np.ndarray:
+        """A map by name, for display: "attention" (the one asked for), "mean", "rollout", "head:K"
+        (each as :func:`times_uniform`), "pca" (h, w, 3) or "heatmap:TASK" (probabilities)."""
+        if name == "pca":
+            return self.pca
+        if name.startswith("heatmap:"):
+            return self.heatmaps[name[len("heatmap:"):]]
+        if name == "attention":
+            values = self.shown
+        elif name == "mean":
+            values = self.attention
+        elif name == "rollout":
+            if self.rollout is None:
+                raise MammoInputError("no rollout in this result: run with attention='rollout'")
+            values = self.rollout
+        elif name.startswith("head:"):
+            values = self.head_attention[int(name[len("head:"):])]
+        else:
+            raise KeyError(name)
+        return times_uniform(values)
+
+    def summary(self) -> dict[str, Any]:
+        """What the CLI prints and export writes as JSON."""
+        p = self.prepared
+        return {"path": self.path, "frame": self.frame, "attention": self.kind,
+                "predictions": self.predictions,
+                "heatmaps": {task: {"max": float(m.max()), "mean": float(m.mean())} for task, m in self.heatmaps.items()},
+                "attention_in_tissue": round(self.attention_in_tissue, 6), "tissue_share": round(self.tissue_share, 6),
+                "pca_explained_variance": [round(float(v), 6) for v in self.pca_explained],
+                "grid": list(p.grid), "input_px": list(p.pixels.shape), "box": list(p.box),
+                "patch_px": [float(v) for v in p.patch_px], "image_shape": list(p.image_shape),
+                "encoder": self.encoder}
+
+
+def times_uniform(attention: np.ndarray) -> np.ndarray:
+    """An attention distribution (sums to 1) as multiples of uniform attention (float32): 1 is the
+    share every patch would get if the model looked everywhere alike, whatever the grid, so maps of
+    different resolutions and slices share one colour scale, and a flat (untrained) map looks flat
+    instead of being stretched into false structure."""
+    values = np.asarray(attention, dtype=np.float32)
+    return values * np.float32(values.size / max(float(values.sum()), 1e-12))
+
+
+def display_limits(shown: np.ndarray) -> tuple[float, float]:
+    """Colour range of a :func:`times_uniform` map: from uniform (1: no more than its share, dark, so
+    additive blending leaves the image as it is) to its 99th percentile, but at least 1.1 so that a map
+    within 10% of uniform (an untrained model) stays dim instead of showing its noise at full colour."""
+    return 1.0, max(float(np.percentile(shown, 99)), 1.1)
+
+
+def attention_in_tissue(attention: np.ndarray, tissue: np.ndarray) -> float:
+    """Share of attention mass inside the breast-tissue mask:
+
+        sum_p a_p * f_p / sum_p a_p
+
+    over the patches p of the encoder's input, with a_p >= 0 the class token's attention to patch p
+    and f_p in [0, 1] the fraction of patch p's image area inside the tissue mask
+    (:attr:`Prepared.tissue`). 1 means all attention falls on tissue, and a uniform map gives the mean
+    tissue fraction of the patches (the chance level). The input covers only the tissue bounding box,
+    so attention can only leak onto the air and labels inside that box."""
+    attention = np.asarray(attention, dtype=np.float64)
+    tissue = np.asarray(tissue, dtype=np.float64)
+    if attention.shape != tissue.shape:
+        raise ValueError(f"attention {attention.shape} and tissue {tissue.shape} differ in shape")
+    total = attention.sum()
+    return float((attention * tissue).sum() / total) if total > 0 else 0.0
+
+
+def pca_rgb(patches: np.ndarray, tissue: np.ndarray, threshold: float = TISSUE_PATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Patch features (h, w, D) -> ((h, w, 3) float32 RGB in [0, 1], explained-variance ratios (3,)).
+
+    The three principal components are fitted on the tissue patches (tissue fraction >= threshold;
+    all patches when fewer than 4 are tissue) and each is mapped to [0, 1] by its 1st-99th percentile
+    over those patches, so one outlier patch does not wash the others out. Non-tissue patches are
+    black: the colours describe the breast, not the air around it."""
+    from sklearn.decomposition import PCA
+
+    h, w, d = patches.shape
+    x = patches.reshape(-1, d).astype(np.float32)
+    inside = np.asarray(tissue).ravel() >= threshold
+    if inside.sum() < 4:
+        inside = np.ones_like(inside)
+    fit = x[inside]
+    n = min(3, fit.shape[0] - 1, d)
+    rgb = np.zeros((x.shape[0], 3), dtype=np.float32)
+    explained = np.zeros(3, dtype=np.float32)
+    if n >= 1:
+        # One BLAS thread: a few hundred patches gain nothing from more, and on a busy machine
+        # OpenBLAS's spinning threads made this 100x slower. Randomized SVD (fixed seed: the same
+        # colours every time) finds 3 components of 777 x 384 ViT-S features 4x faster than the
+        # covariance's eigendecomposition.
+        with _blas_controller().limit(limits=1):
+            pca = PCA(n_components=n, svd_solver="randomized", random_state=0).fit(fit)
+            y = pca.transform(x).astype(np.float32)
+        lo, hi = np.percentile(y[inside], PCA_PERCENTILES, axis=0)
+        rgb[:, :n] = np.clip((y - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0, 1.0)
+        explained[:n] = pca.explained_variance_ratio_
+    rgb[~inside] = 0.0
+    return rgb.reshape(h, w, 3), explained
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    """threadpoolctl's view of the loaded BLAS/OpenMP pools, made once (finding them takes ~7 ms)."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController()
+
+
+# --- running ----------------------------------------------------------------------------------------
+
+def _read(image: Any, frame: int | None) -> tuple[np.ndarray, np.ndarray, int | None, str | None]:
+    """Values (MONOCHROME2), tissue mask, frame and path of a MammoImage, a 2D array or a slice of a
+    3D array (arrays are taken as shown: tissue bright)."""
+    if hasattr(image, "meta") and hasattr(image, "frame"):
+        values, tissue, frame = read_frame(image, frame)
+        return values, tissue, frame, str(image.meta.path)
+    from training.tissue import segment_tissue
+
+    shape = tuple(getattr(image, "shape", ()))
+    if len(shape) == 3:
+        frame = slice_index(shape[0], frame)
+        values = np.asarray(image[frame])
+    elif len(shape) == 2:
+        if frame not in (None, 0):
+            raise MammoInputError(f"frame {frame}: a 2D image has only frame 0")
+        values, frame = np.asarray(image), None
+    else:
+        raise MammoInputError(f"expected a mammogram, a 2D image or a 3D volume, got shape {shape}")
+    return values, segment_tissue(values).mask, frame, None
+
+
+@contextlib.contextmanager
+def _stoppable(encoder: Encoder, should_stop: Callable[[], bool] | None):
+    """Check ``should_stop`` before every transformer block, so Cancel stops within one block."""
+    if should_stop is None:
+        yield
+        return
+
+    def check(module: Any, args: Any) -> None:
+        if should_stop():
+            raise InferenceCancelled()
+
+    hooks = [block.register_forward_pre_hook(check) for block in encoder.backbone.blocks]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def forward(encoder: Encoder, prepared: Prepared, attention: Attention = "last",
+            should_stop: Callable[[], bool] | None = None) -> Output:
+    """One forward pass with attention (thread-safe; cancellable between blocks)."""
+    if attention not in ("last", "rollout"):
+        raise MammoInputError(f"attention {attention!r}: choose 'last' or 'rollout'")
+    with _FORWARD, _stoppable(encoder, should_stop):
+        return encoder.run(prepared, attention=attention)[0]
+
+
+def result_of(encoder: Encoder, prepared: Prepared, output: Output, attention: Attention = "last",
+              path: str | None = None) -> InferenceResult:
+    """An :class:`InferenceResult` from one forward pass's output."""
+    heads = output.attention
+    mean = heads.mean(0)
+    mean = mean / max(float(mean.sum()), 1e-12)
+    rollout = output.rollout
+    shown = rollout if attention == "rollout" and rollout is not None else mean
+    rgb, explained = pca_rgb(output.patches, prepared.tissue)
+    return InferenceResult(
+        prepared=prepared, attention=mean.astype(np.float32), head_attention=heads.astype(np.float32),
+        rollout=None if rollout is None else rollout.astype(np.float32), pca=rgb, pca_explained=explained,
+        predictions=output.predictions, heatmaps={k: v.astype(np.float32) for k, v in output.heatmaps.items()},
+        attention_in_tissue=attention_in_tissue(shown, prepared.tissue),
+        tissue_share=float(np.mean(prepared.tissue)), kind=attention, encoder=encoder.describe(), path=path)
+
+
+def inference_steps(encoder: Encoder, image: Any, frame: int | None = None, resolution: int | None = None,
+                    attention: Attention = "last", should_stop: Callable[[], bool] | None = None) -> Steps:
+    """:func:`infer_image` as a generator of ``(done, total)`` steps; returns the InferenceResult."""
+    def check() -> None:
+        if should_stop is not None and should_stop():
+            raise InferenceCancelled()
+
+    if attention not in ("last", "rollout"):
+        raise MammoInputError(f"attention {attention!r}: choose 'last' or 'rollout'")
+    path = None
+    check()
+    if isinstance(image, Prepared):
+        prepared = image
+        yield 2, N_STEPS
+    else:
+        values, tissue, frame, path = _read(image, frame)
+        yield 1, N_STEPS
+        check()
+        prepared = encoder.prepare(values, tissue, resolution, frame)
+        yield 2, N_STEPS
+    check()
+    output = forward(encoder, prepared, attention, should_stop)
+    yield 3, N_STEPS
+    result = result_of(encoder, prepared, output, attention, path)
+    yield 4, N_STEPS
+    return result
+
+
+def infer_image(encoder: Encoder, image: Any, frame: int | None = None, resolution: int | None = None,
+                attention: Attention = "last", should_stop: Callable[[], bool] | None = None,
+                progress: Callable[[int, int], None] | None = None) -> InferenceResult:
+    """Attention, PCA, predictions and heatmaps of one image.
+
+    ``image``: a :class:`~training.dicom.io.MammoImage` (FFDM, or DBT slice ``frame``: default the middle
+    one), a 2D array / 3D volume of MONOCHROME2 values, or an already :class:`Prepared` input;
+    ``resolution``: the input's long side in pixels (default: the encoder's own); ``attention``:
+    "last" (the last layer, per head and mean) or "rollout" (also the rollout, used for
+    ``attention_in_tissue``); ``should_stop()`` is polled between steps and before each transformer
+    block (True raises :class:`InferenceCancelled`); ``progress(done, total)`` follows the steps."""
+    return run_steps(inference_steps(encoder, image, frame, resolution, attention, should_stop), progress)
+
+
+# --- placing patch maps ----------------------------------------------------------------------------
+
+def patch_placement(prepared: Prepared, flipped: bool = False) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(origin, step) in image pixels (pixel centres at integers) of patch (0, 0)'s centre and of one
+    patch, on the image as stored, or mirrored left-right (``flipped``: the hanging protocol showed the
+    image mirrored, and the patch map is shown mirrored too, ``map[:, ::-1]``)."""
+    origin = prepared.patch_origin_px()
+    if flipped:  # the box mirrored: columns [W - c1, W - c0)
+        width, c1 = prepared.image_shape[1], prepared.box[3]
+        origin = (origin[0], (width - c1) - 0.5 + 0.5 * prepared.patch_px[1])
+    return origin, prepared.patch_px
+
+
+def on_image_grid(prepared: Prepared, patch_map: np.ndarray, rows: np.ndarray | None = None,
+                  cols: np.ndarray | None = None) -> np.ndarray:
+    """A (h, w[, c]) patch map on image pixels ``rows`` x ``cols`` (default all), each pixel taking its
+    patch's value (nearest: patch maps stay honest blocks), 0 outside the encoder's input box."""
+    rows = np.arange(prepared.image_shape[0]) if rows is None else np.asarray(rows)
+    cols = np.arange(prepared.image_shape[1]) if cols is None else np.asarray(cols)
+    r0, c0, r1, c1 = prepared.box
+    h, w = prepared.grid
+    i = np.floor((rows - r0 + 0.5) / prepared.patch_px[0]).astype(np.int64)
+    j = np.floor((cols - c0 + 0.5) / prepared.patch_px[1]).astype(np.int64)
+    inside = ((rows >= r0) & (rows < r1))[:, None] & ((cols >= c0) & (cols < c1))[None, :]
+    values = np.asarray(patch_map)[np.clip(i, 0, h - 1)[:, None], np.clip(j, 0, w - 1)[None, :]]
+    return np.where(inside[(...,) + (None,) * (values.ndim - 2)], values, 0).astype(np.float32)
+
+
+# --- DBT: a lazy stack of per-slice maps ------------------------------------------------------------
+
+class SliceResults:
+    """InferenceResults of the slices of one volume, computed on first request and kept in a bounded
+    least-recently-used cache (thread-safe: napari may slice from another thread). ``computed`` lists
+    every computation in order (a slice evicted and asked for again appears twice)."""
+
+    def __init__(self, encoder: Encoder, image: Any, resolution: int | None = None,
+                 attention: Attention = "last", cache_size: int = 16):
+        shape = tuple(image.data.shape if hasattr(image, "meta") else image.shape)
+        if len(shape) != 3:
+            raise MammoInputError(f"a lazy attention stack needs a 3D volume, got shape {shape}")
+        self.encoder, self.image, self.resolution, self.attention = encoder, image, resolution, attention
+        self.shape = shape
+        self.cache_size = max(1, int(cache_size))
+        self.computed: list[int] = []
+        self._cache: OrderedDict[int, InferenceResult] = OrderedDict()
+        self._lock = threading.Lock()
+        self._computing = threading.Lock()  # one slice at a time: two askers never compute it twice
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def peek(self, index: int) -> InferenceResult | None:
+        """The cached result of slice ``index``, or None (computes nothing)."""
+        with self._lock:
+            result = self._cache.get(index)
+            if result is not None:
+                self._cache.move_to_end(index)
+            return result
+
+    def put(self, index: int, result: InferenceResult) -> None:
+        """Cache the result of slice ``index`` (computed here or by someone else: it is logged)."""
+        with self._lock:
+            self.computed.append(index)
+            self._cache[index] = result
+            self._cache.move_to_end(index)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+
+    def get(self, index: int, should_stop: Callable[[], bool] | None = None) -> InferenceResult:
+        """The result of slice ``index``, computed now if it is not cached."""
+        index = range(self.shape[0])[index]
+        with self._computing:
+            found = self.peek(index)
+            if found is None:
+                found = infer_image(self.encoder, self.image, index, self.resolution, self.attention, should_stop)
+                self.put(index, found)
+        return found
+
+
+class LazyAttentionStack:
+    """A read-only numpy-like (slices, rows, cols) float32 array on the image grid of a DBT volume:
+    slice i is the map ``show`` of slice i's inference (see :meth:`InferenceResult.map`), computed
+    when it is first indexed and cached (LRU, ``cache_size`` slices). napari indexes only the slice on
+    screen, so a layer over a 60-slice volume costs the slices the user looks at. ``show="pca"`` gives
+    (slices, rows, cols, 3) RGB.
+
+    ``flipped`` mirrors each plane left-right (a view the hanging protocol mirrored). With
+    ``request`` set, a slice that is not cached yet is not computed in place: ``request(i)`` is
+    called (the viewer computes it in the background, then refreshes) and the plane is zeros until
+    then, so scrolling never waits for the encoder. :meth:`view` makes a stack of another map that
+    shares this one's cache (each slice is computed once for all of them)."""
+
+    def __init__(self, encoder: Encoder | None = None, image: Any = None, *, resolution: int | None = None,
+                 attention: Attention = "last", show: str = "attention", flipped: bool = False,
+                 cache_size: int = 16, results: SliceResults | None = None,
+                 request: Callable[[int], None] | None = None):
+        if results is None:
+            if encoder is None or image is None:
+                raise ValueError("LazyAttentionStack needs an encoder and an image, or shared results")
+            results = SliceResults(encoder, image, resolution, attention, cache_size)
+        self.results, self.show, self.flipped, self.request = results, show, flipped, request
+        self.shape: tuple[int, ...] = results.shape + ((3,) if show == "pca" else ())
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+        self._planes: OrderedDict[int, np.ndarray] = OrderedDict()  # the last rendered planes
+        self._lock = threading.Lock()
+
+    def view(self, show: str) -> "LazyAttentionStack":
+        """Another map of the same slices (same cache, mirror and request)."""
+        return LazyAttentionStack(show=show, flipped=self.flipped, results=self.results, request=self.request)
+
+    @property
+    def computed(self) -> list[int]:
+        return self.results.computed
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __repr__(self) -> str:
+        return f"LazyAttentionStack({self.shape}, {self.show!r})"
+
+    def plane(self, index: int) -> np.ndarray:
+        """Slice ``index`` on the image grid (computed now, or zeros while ``request`` computes it)."""
+        with self._lock:
+            if index in self._planes:
+                self._planes.move_to_end(index)
+                return self._planes[index]
+        result = self.results.peek(index)
+        if result is None and self.request is not None:
+            self.request(index)
+            return np.zeros(self.shape[1:], dtype=self.dtype)
+        if result is None:
+            result = self.results.get(index)
+        plane = on_image_grid(result.prepared, result.map(self.show))
+        plane = plane[:, ::-1] if self.flipped else plane
+        plane.flags.writeable = False
+        with self._lock:
+            self._planes[index] = plane
+            while len(self._planes) > 2:
+                self._planes.popitem(last=False)
+        return plane
+
+    def __getitem__(self, key: Any) -> np.ndarray:
+        key = key if isinstance(key, tuple) else (key,)
+        if key and key[0] is Ellipsis:
+            key = (slice(None),) * (self.ndim - len(key) + 1) + key[1:]
+        first, rest = (key[0], key[1:]) if key else (slice(None), ())
+        if isinstance(first, (int, np.integer)):
+            return self.plane(range(self.shape[0])[first])[rest]
+        indices = np.arange(self.shape[0])[first]
+        stacked = np.stack([self.plane(int(i)) for i in indices]) if len(indices) else \
+            np.zeros((0, *self.shape[1:]), self.dtype)
+        return stacked[(slice(None), *rest)]
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        return np.asarray(self[:], dtype=dtype)
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+PNG_LONG_SIDE = 1536  # overlays of a full-field mammogram are written at most this size
+OVERLAY_ALPHA = 0.8  # opacity of a map's top colour in the PNG overlays
+
+
+def _background(result: InferenceResult, image: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The windowed image (what a radiologist sees, [0, 1]) at PNG size, and its pixel rows/cols."""
+    if image is None:
+        return None
+    shape = result.prepared.image_shape
+    step = max(1, int(np.ceil(max(shape) / PNG_LONG_SIDE)))
+    rows, cols = np.arange(0, shape[0], step), np.arange(0, shape[1], step)
+    if hasattr(image, "meta"):
+        from training.dicom.display import to_display
+
+        frame = result.frame
+        values = image.frame(frame if frame is not None else 0)
+        shown = to_display(values[::step, ::step], image.meta, frame=frame)
+    else:
+        values = np.asarray(image[result.frame] if np.ndim(image) == 3 else image, dtype=np.float32)[::step, ::step]
+        lo, hi = np.percentile(values, (0.5, 99.5))
+        shown = np.clip((values - lo) / max(hi - lo, 1e-6), 0, 1)
+    if shown.shape != (len(rows), len(cols)):
+        raise MammoInputError(f"export: the image {shape} is not the one these maps were computed on")
+    return np.asarray(shown, dtype=np.float32), rows, cols
+
+
+def _overlay(result: InferenceResult, image: Any, rgb_map: np.ndarray, alpha_map: np.ndarray) -> np.ndarray:
+    """(h, w, 3) colours with (h, w) opacities blended over the image (or over the encoder's input)."""
+    found = _background(result, image)
+    if found is None:  # no image: draw on the encoder's own input at its resolution
+        shown = result.prepared.pixels
+        zoom = (shown.shape[0] // result.grid[0], shown.shape[1] // result.grid[1])
+        colours = np.repeat(np.repeat(rgb_map, zoom[0], 0), zoom[1], 1)
+        alpha = np.repeat(np.repeat(alpha_map, zoom[0], 0), zoom[1], 1)[..., None]
+    else:
+        shown, rows, cols = found
+        colours = on_image_grid(result.prepared, rgb_map, rows, cols)
+        alpha = on_image_grid(result.prepared, alpha_map, rows, cols)[..., None]
+    grey = np.repeat(shown[..., None], 3, axis=-1)
+    return np.clip(grey * (1 - alpha) + colours * alpha, 0, 1)
+
+
+def export(result: InferenceResult, out_dir: str | Path, image: Any = None, prefix: str = "") -> dict[str, str]:
+    """Write ``result`` into ``out_dir``: NPY maps (raw: attention sums to 1), PNG overlays on the
+    windowed ``image`` (a MammoImage or array the result was computed on; without it, on the encoder's
+    input) and JSON predictions. Returns {what: path}."""
+    from matplotlib import colormaps
+    from matplotlib.image import imsave
+
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MammoInputError(f"--out {out}: cannot create the folder ({exc})") from None
+    files: dict[str, str] = {}
+
+    def path(name: str) -> Path:
+        target = out / f"{prefix}{name}"
+        files[name] = str(target)
+        return target
+
+    try:
+        np.save(path("attention.npy"), result.attention)
+        np.save(path("attention_heads.npy"), result.head_attention)
+        if result.rollout is not None:
+            np.save(path("rollout.npy"), result.rollout)
+        np.save(path("pca.npy"), result.pca)
+        np.save(path("tissue.npy"), result.prepared.tissue.astype(np.float32))
+        for task, heatmap in result.heatmaps.items():
+            np.save(path(f"heatmap_{task}.npy"), heatmap)
+
+        shown = result.map("attention")
+        lo, hi = display_limits(shown)
+        level = np.clip((shown - lo) / (hi - lo), 0, 1)
+        # Opacity follows the map (like napari's additive blending): the image stays readable where
+        # the model does not look more than its uniform share.
+        imsave(path("attention.png"), _overlay(result, image, colormaps["inferno"](level)[..., :3],
+                                               OVERLAY_ALPHA * level))
+        tissue = (result.prepared.tissue >= TISSUE_PATCH).astype(np.float32)
+        imsave(path("pca.png"), _overlay(result, image, result.pca, 0.7 * tissue))
+        for task, heatmap in result.heatmaps.items():
+            imsave(path(f"heatmap_{task}.png"), _overlay(result, image, colormaps["magma"](heatmap)[..., :3],
+                                                         OVERLAY_ALPHA * heatmap))
+        target = path("predictions.json")
+        target.write_text(json.dumps({**result.summary(), "files": dict(files)}, indent=1, default=str))
+    except OSError as exc:
+        raise MammoInputError(f"--out {out}: cannot write the results ({exc})") from None
+    return files
+
+
+# --- the command ----------------------------------------------------------------------------------
+
+def infer_command(path: str, checkpoint: str | None, out: str, frame: int | None = None, all_slices: bool = False,
+                  resolution: int | None = None, rollout: bool = False,
+                  progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """``mammodino infer``: maps and predictions of one image (or each DBT slice) written to ``out``;
+    returns the report (one JSON object)."""
+    from training.evaluate.encoder import load_encoder
+    from training.dicom.io import open_image
+
+    if resolution is not None and resolution <= 0:
+        raise MammoInputError(f"--resolution {resolution}: must be a positive number of pixels")
+    start = time.perf_counter()
+    encoder = load_encoder(checkpoint)
+    image = open_image(path)
+    if all_slices and not image.meta.is_volume:
+        raise MammoInputError(f"--all-slices: {path} is a 2D image (one frame); drop --all-slices")
+    attention: Attention = "rollout" if rollout else "last"
+    report: dict[str, Any] = {"path": str(path), "kind": image.meta.kind, "attention": attention,
+                              "encoder": encoder.describe()}
+    if not all_slices:
+        result = infer_image(encoder, image, frame, resolution, attention)
+        files = export(result, out, image=image)
+        report.update({k: v for k, v in result.summary().items() if k not in ("path", "encoder")})
+        report["files"] = files
+    else:
+        slices = []
+        n = image.data.shape[0]
+        for index in range(n):
+            result = infer_image(encoder, image, index, resolution, attention)
+            files = export(result, out, image=image, prefix=f"slice{index:03d}_")
+            slices.append({"frame": index, "predictions": result.predictions,
+                           "attention_in_tissue": round(result.attention_in_tissue, 6),
+                           "tissue_share": round(result.tissue_share, 6), "files": files})
+            if progress is not None:
+                progress(f"slice {index + 1}/{n}")
+        report["predictions"] = {  # the mean over slices of each class probability
+            task: {c: float(np.mean([s["predictions"][task][c] for s in slices])) for c in classes}
+            for task, classes in slices[0]["predictions"].items()}
+        report["attention_in_tissue"] = float(np.mean([s["attention_in_tissue"] for s in slices]))
+        report["tissue_share"] = float(np.mean([s["tissue_share"] for s in slices]))
+        report["slices"] = slices
+        report["files"] = {k: v for s in slices for k, v in
+                           ((f"slice{s['frame']:03d}_{name}", p) for name, p in s["files"].items())}
+    report["out"] = str(out)
+    report["time_s"] = round(time.perf_counter() - start, 3)
+    return report

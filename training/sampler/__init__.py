@@ -1,0 +1,1 @@
+"""The tissue-aware multi-crop sampler: crop boxes, iBOT patch masks and augmentation."""
