@@ -55,7 +55,7 @@ import torch  # noqa: E402
 
 from training.ssl.cache import CacheSettings, build_cache  # noqa: E402
 from training.ssl.presets import load_config  # noqa: E402
-from training.ssl.data import open_data  # noqa: E402
+from training.labels import open_data  # noqa: E402
 from training.ssl.pretrain import pretrain  # noqa: E402
 
 # (file ending, function) -> what the profile calls it; cumulative times, so nested parts are inside
@@ -71,7 +71,7 @@ PROFILED = {
 
 def make_data(workdir: Path, n_ffdm: int, n_dbt: int, shape: tuple[int, int], cbis: bool) -> Path:
     """The labels CSV over the phantoms (generated unless ``workdir`` holds them) and the CBIS views."""
-    from training.phantom.writer import generate
+    from training.phantom.dataset import generate
 
     rows = []
     for kind, n, seed in (("ffdm", n_ffdm, 11), ("dbt", n_dbt, 12)):

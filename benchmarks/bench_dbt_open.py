@@ -230,7 +230,8 @@ def child(spec: dict) -> dict:
     import gdcm  # noqa: F401  (imported before the baseline like every other module)
     import openjpeg
 
-    from training.dicom.io import FrameStack, open_file
+    from training.lazy import FrameStack
+    from training.dicom.io import open_file
 
     for syntax in (ExplicitVRLittleEndian, JPEG2000Lossless):
         assert get_decoder(syntax).is_available  # imports the plugin modules now, not while timed

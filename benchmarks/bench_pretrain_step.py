@@ -5,7 +5,7 @@ does it: student forward (2 global crops with iBOT masks + N local crops), teach
 crops), losses, backward, per-part gradient clipping (3.0, backbone and head apart, as DINOv2),
 AdamW step, EMA update of the teacher. Data loading is not timed: both get the same random tensors.
 
-* ``ours``: ``training.ssl.pretrain.train_step``, the very function ``pretrain_steps`` calls each step
+* ``ours``: ``training.ssl.step.train_step``, the very function ``pretrain_steps`` calls each step
   (schedules, forward, losses, backward, clipping, AdamW, EMA), on the model, loss and AdamW (layer-wise
   lr decay groups) of ``training.ssl.pretrain.build_training``; minus data loading and logging.
 * ``lightly``: lightly's documented DINOv2 example (``examples/pytorch/dinov2.py`` of lightly 1.6):
@@ -133,9 +133,10 @@ def ours_config(args: argparse.Namespace, dbt: bool = False) -> Any:
 
 
 def build_ours(args: argparse.Namespace, dbt: bool = False) -> Callable[[dict[str, Tensor], int], float]:
-    """Our step is the training loop's own: ``training.ssl.pretrain.train_step`` on a model, loss and AdamW
+    """Our step is the training loop's own: ``training.ssl.step.train_step`` on a model, loss and AdamW
     from ``training.ssl.pretrain.build_training``."""
-    from training.ssl.pretrain import build_training, train_step
+    from training.ssl.pretrain import build_training
+    from training.ssl.step import train_step
 
     config = ours_config(args, dbt)
     torch.manual_seed(1)

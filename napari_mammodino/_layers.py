@@ -13,7 +13,8 @@ from napari.utils.colormaps import Colormap
 
 from training.dicom.display import ViewerDisplay, frames_share_display, to_display, viewer_display
 from training.dicom.hanging import Placement, hanging_protocol
-from training.dicom.io import FrameStack, MammoImage
+from training.lazy import FrameStack
+from training.dicom.image import MammoImage
 
 def mammo_image_of(data: Any) -> MammoImage | None:
     """The MammoImage behind an image layer made here (widgets reach its modality values,

@@ -46,7 +46,7 @@ def phantom_sample_dir() -> Path:
         return committed
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "napari-mammodino" / "sample_data"
     if not (cache / "labels.csv").is_file():
-        from training.phantom.writer import write_sample_set
+        from training.phantom.dataset import write_sample_set
 
         write_sample_set(cache)
     return cache
@@ -56,7 +56,7 @@ def truth_layers(image: tuple[Any, dict, str], row: dict[str, Any], root: Path) 
     """Ground truth of one image layer as Labels layers on the same grid: lesions (k = the k-th
     lesion of the labels CSV, half transparent so the lesion stays visible) and tissue (1 = breast,
     2 = glandular; hidden at first)."""
-    from training.phantom.writer import load_mask
+    from training.phantom.dataset import load_mask
 
     _, kwargs, _ = image
     name = kwargs["name"].split()[0]
@@ -74,7 +74,7 @@ def truth_layers(image: tuple[Any, dict, str], row: dict[str, Any], root: Path) 
 
 
 def _phantom_layers(folder: str) -> list[tuple[Any, dict, str]]:
-    from training.phantom.writer import read_labels
+    from training.phantom.dataset import read_labels
 
     root = phantom_sample_dir()
     rows = {(root / row["path"]).resolve(): row for row in read_labels(root / "labels.csv")}

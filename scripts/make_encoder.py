@@ -40,7 +40,8 @@ from training.checkpoint import read_metadata  # noqa: E402
 from training.ssl.presets import PretrainConfig  # noqa: E402
 from training.evaluate.encoder import load_encoder, save_encoder  # noqa: E402
 from training.errors import MammoInputError  # noqa: E402
-from training.evaluate.heads.classify import FinetuneConfig, finetune  # noqa: E402
+from training.evaluate.heads.loop import FinetuneConfig
+from training.evaluate.heads.classify import finetune  # noqa: E402
 from training.evaluate.benchmark import LABELS, RESOLUTION, chance_levels, measures, subset  # noqa: E402
 from training.evaluate.model_card import CURVE, model_card  # noqa: E402
 from training.ssl.pretrain import export_state  # noqa: E402

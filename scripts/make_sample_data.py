@@ -15,7 +15,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from training.phantom.writer import SAMPLE_PARTS, write_sample_set  # noqa: E402
+from training.phantom.dataset import SAMPLE_PARTS, write_sample_set  # noqa: E402
 
 LIMIT_MB = 20.0
 

@@ -26,13 +26,13 @@ def decoded(monkeypatch) -> list[int]:
     import training.dicom.io
 
     calls: list[int] = []
-    original = training.dicom.io.FrameSource.read
+    original = training.dicom.image.FrameSource.read
 
     def counting(self, index):
         calls.append(index)
         return original(self, index)
 
-    monkeypatch.setattr(training.dicom.io.FrameSource, "read", counting)
+    monkeypatch.setattr(training.dicom.image.FrameSource, "read", counting)
     return calls
 
 

@@ -130,7 +130,7 @@ def test_batches_from_the_cache_have_the_same_shapes_and_tissue_only_crops(data,
 
 
 def test_pretrain_with_cache_builds_it_reads_it_and_never_decodes(data, tmp_path, monkeypatch, capsys):
-    from training.dicom.io import MammoImage
+    from training.dicom.image import MammoImage
 
     run, cache = tmp_path / "run", str(tmp_path / "c")
     base = ["pretrain", "--config", "cpu-tiny", *sum((["--set", s] for s in MICRO), []), "--data", str(data),

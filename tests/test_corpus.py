@@ -139,7 +139,7 @@ def test_cddcesm_keeps_its_lesion_masks_and_phantoms_their_labels(real):
 
 
 def test_the_corpus_csvs_feed_the_label_readers(real):
-    from training.ssl.data import data_paths
+    from training.labels import data_paths
     from training.labels import read_labels
 
     out, _ = real

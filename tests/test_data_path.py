@@ -24,8 +24,9 @@ from training.ssl.cache import CacheSettings, FrameCache, build_cache, default_c
 from training.checkpoint import read_metadata
 from training.cli import main
 from training.ssl.presets import load_config
-from training.ssl.data import PretrainDataset, open_data_skipping
-from training.dicom.io import MammoImage
+from training.ssl.data import PretrainDataset
+from training.labels import open_data_skipping
+from training.dicom.image import MammoImage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -185,7 +186,7 @@ def test_a_run_on_the_default_cache_resumes_through_it_to_the_uninterrupted_weig
 BUILD = """
 import sys
 from training.ssl.cache import CacheSettings, build_cache
-from training.ssl.data import open_data
+from training.labels import open_data
 images = [im for im in open_data(sys.argv[1]) if im.meta.path.endswith(tuple(sys.argv[3:]))]
 print(build_cache(images, sys.argv[2], CacheSettings(long_side=64), workers=1, fixed_settings=False)["built"])
 """

@@ -20,8 +20,9 @@ import pytest
 from training.checkpoint import read_metadata
 from training.cli import main
 from training.evaluate.encoder import load_encoder
-from training.evaluate.heads.classify import (EarlyStopping, FinetuneConfig, RunFolder, class_weights, epochs,
-    grouped_split)
+from training.evaluate.heads.loop import EarlyStopping, FinetuneConfig, class_weights, epochs
+from training.runs import RunFolder
+from training.evaluate.metrics import grouped_split
 from training.dicom.io import open_image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory) -> Path:
     """20 FFDM phantoms 128 x 104 (one patient each), every lesion kind and density among them."""
-    from training.phantom.writer import generate
+    from training.phantom.dataset import generate
 
     out = tmp_path_factory.mktemp("finetune") / "phantoms"
     generate(out, "ffdm", 20, seed=3, lesion="any", shape=(128, 104), workers=2, progress=False)

@@ -14,8 +14,9 @@ import pytest
 from dicom_factory import write_enhanced_dbt
 from training.cli import main
 from training.evaluate.encoder import Encoder, TaskHead, random_encoder, save_encoder
-from training.evaluate.infer import (InferenceCancelled, LazyAttentionStack, attention_in_tissue, export,
-    infer_image, on_image_grid, patch_placement, pca_rgb)
+from training.evaluate.infer import (InferenceCancelled, LazyAttentionStack, attention_in_tissue, infer_image,
+    on_image_grid, patch_placement, pca_rgb)
+from training.evaluate.export import export
 from training.dicom.io import open_image
 
 LCC = "sample_data/exam/LCC.dcm"

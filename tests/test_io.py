@@ -13,7 +13,8 @@ from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessS
 
 from dicom_factory import labelled_volume, ramp, write_enhanced_dbt, write_ffdm, write_slice_series
 from training.errors import MammoInputError
-from training.dicom.io import FrameStack, open_file, open_image, open_path
+from training.lazy import FrameStack
+from training.dicom.io import open_file, open_image, open_path
 
 
 def test_shuffled_series_folder_opens_in_position_order(tmp_path):

@@ -14,8 +14,8 @@ import pytest
 
 from helpers import EXAM, TINY
 from training.errors import MammoInputError
-from training.jobs import (CANCELLED, FAILED, FINISHED, RUNNING, Job, JsonlReader, launch, loss_terms, plan,
-                           tail_lines, to_argv)
+from training.jobs import CANCELLED, FAILED, FINISHED, RUNNING, Job, launch, plan, to_argv
+from training.runs import JsonlReader, loss_terms, tail_lines
 
 TIMEOUT = 240  # generous: CI machines are slow and shared
 

@@ -1,6 +1,7 @@
 """The project's shape, read from its source with ``ast``: ``training/`` never imports napari or Qt (at
-module or function level), and no new import cycle appears among the project's modules. The three cycles
-that remain are named here; the redesign (issue 13) removes them, and this list must shrink with it."""
+module or function level), no import cycle among the project's modules, no module over 600 lines and
+at most 15 modules directly in ``training/`` (the rest live in its wings: dicom, sampler, phantom, ssl,
+evaluate; see docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -11,13 +12,8 @@ from helpers import REPO
 
 PACKAGES = ("training", "napari_mammodino")
 GUI = ("napari", "qtpy", "PyQt5", "PyQt6", "PySide2", "PySide6", "magicgui", "superqt", "vispy")
-# Known cycles (function-level imports on one side), to be broken by the redesign; a cycle not listed
-# here fails, and so does a listed one that is gone (take it off the list).
-KNOWN_CYCLES = {
-    frozenset({"training.dicom.io", "training.dicom.raster"}),
-    frozenset({"training.ssl.cache", "training.ssl.data"}),
-    frozenset({"training.evaluate.heads.classify", "training.evaluate.heads.localise"}),
-}
+MAX_LINES = 600
+MAX_TOP_LEVEL = 15  # modules directly in training/, __init__ and __main__ included
 
 
 def modules() -> dict[str, Path]:
@@ -92,10 +88,22 @@ def test_training_never_imports_napari_or_qt():
     assert not offenders, offenders
 
 
-def test_no_import_cycle_beyond_the_known_ones():
-    found = set(cycles(import_graph()))
-    assert found - KNOWN_CYCLES == set(), f"new import cycles: {[sorted(c) for c in found - KNOWN_CYCLES]}"
-    assert KNOWN_CYCLES - found == set(), f"gone (take them off KNOWN_CYCLES): {[sorted(c) for c in KNOWN_CYCLES - found]}"
+def test_no_import_cycle():
+    found = cycles(import_graph())
+    assert not found, f"import cycles: {[sorted(c) for c in found]}"
+
+
+def test_no_module_is_a_house_of_many_rooms():
+    long = {name: n for name, path in modules().items()
+            if (n := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES}
+    assert not long, f"over {MAX_LINES} lines (split them by idea): {long}"
+
+
+def test_the_core_keeps_its_wings():
+    top = sorted(path.name for path in (REPO / "training").glob("*.py"))
+    assert len(top) <= MAX_TOP_LEVEL, f"{len(top)} modules directly in training/ (at most {MAX_TOP_LEVEL}): {top}"
+    wings = {"dicom", "sampler", "phantom", "ssl", "evaluate"}
+    assert wings <= {path.parent.name for path in (REPO / "training").glob("*/__init__.py")}
 
 
 def test_the_checks_can_fail(tmp_path):

@@ -22,7 +22,7 @@ from training.checkpoint import load_checkpoint, read_metadata, unprefixed
 from training.cli import main
 from training.ssl.presets import load_config
 from training.evaluate.encoder import Output, Prepared, random_encoder
-from training.jobs import JsonlReader, eval_curves, loss_terms
+from training.runs import JsonlReader, eval_curves, loss_terms
 from training.evaluate.learning_curve import Monitor, attention_share, evaluate, view_retrieval
 from training.ssl.pretrain import pretrain
 
@@ -144,7 +144,7 @@ def real_csv(cbis_cases, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory) -> Path:
     """Eight small four-view phantom exams (seed 1: densities A, B, C in 2+ patients each, masses in two)."""
-    from training.phantom.writer import generate
+    from training.phantom.dataset import generate
 
     out = tmp_path_factory.mktemp("bench") / "bench"
     generate(out, "exam", 8, 1, shape=(128, 104), workers=1, progress=False)

@@ -65,7 +65,7 @@ def test_targets_mark_covered_patches_the_best_patch_of_small_lesions_and_leave_
 
 
 def test_masks_and_boxes_give_the_same_regions(tmp_path):
-    from training.phantom.writer import write_mask
+    from training.phantom.dataset import write_mask
 
     mask = np.zeros((32, 24), np.uint8)
     mask[2:6, 3:9] = 1

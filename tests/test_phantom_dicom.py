@@ -20,8 +20,8 @@ from training.cli import main
 from training.dicom.display import to_display
 from training.dicom.io import open_image, open_path
 from training.phantom import simulate_dbt, simulate_ffdm
-from training.phantom.writer import (LABEL_COLUMNS, Identity, generate, load_mask, read_labels, write_dbt,
-                                     write_dbt_series, write_ffdm)
+from training.phantom.dicom import LABEL_COLUMNS, Identity, write_dbt, write_dbt_series, write_ffdm
+from training.phantom.dataset import generate, load_mask, read_labels
 
 SHAPE = (256, 208)
 DBT_SHAPE, DBT_SLICE_MM = (128, 104), 5.0  # a small volume keeps the test fast; the writer does not care
@@ -262,7 +262,7 @@ def test_masks_align_with_the_pixels(dataset):
 
 
 def test_dbt_ground_truth_is_in_file_frame_order(dbt, tmp_path):
-    from training.phantom.writer import write_image
+    from training.phantom.dataset import write_image
 
     row = write_image(dbt, tmp_path, tmp_path, Identity("PHTEST-000002"))
     lesions = load_mask(tmp_path / row["lesion_mask"])

@@ -11,7 +11,7 @@ import pytest
 
 from training.dicom.display import to_display
 from training.dicom.io import open_image, open_path
-from training.phantom.writer import SAMPLE_PARTS, load_mask, read_labels, write_sample_set
+from training.phantom.dataset import SAMPLE_PARTS, load_mask, read_labels, write_sample_set
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 PLUGIN = "napari-mammodino"

@@ -16,7 +16,8 @@ from training.checkpoint import load_checkpoint, read_metadata, unprefixed
 from training.cli import main
 from training.ssl.presets import load_config
 from training.ssl.data import PretrainDataset, StepBatches, collate
-from training.ssl.pretrain import build_training, train_step
+from training.ssl.pretrain import build_training
+from training.ssl.step import train_step
 
 
 def timm_vit(depth: int = 2) -> VisionTransformer:

@@ -32,7 +32,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
     """24 small FFDM phantoms (one per patient) with density A-D and lesion 0/1 in labels.csv."""
-    from training.phantom.writer import generate
+    from training.phantom.dataset import generate
 
     out = tmp_path_factory.mktemp("probe") / "phantoms"
     generate(out, "ffdm", 24, seed=3, shape=(128, 104), progress=False)

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 @pytest.fixture(scope="module")
 def phantoms(tmp_path_factory) -> Path:
-    from training.phantom.writer import generate
+    from training.phantom.dataset import generate
 
     out = tmp_path_factory.mktemp("retrieval") / "phantoms"
     generate(out, "ffdm", 12, seed=5, shape=(128, 104), progress=False)

@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 
 from training.errors import MammoInputError
-from training.sampler.sampler import (AugmentConfig, MultiCropSampler, NoTissueError, SamplerConfig,
-    block_mask, random_resized_box)
+from training.sampler.augment import AugmentConfig
+from training.sampler.sampler import MultiCropSampler, NoTissueError, SamplerConfig
+from training.sampler.masking import block_mask
+from training.sampler.boxes import random_resized_box
 
 # Small crops keep the tests fast; everything else is DINOv2's default.
 SMALL = SamplerConfig(global_size=112, local_size=48, n_local=4, patch_size=14)

@@ -22,6 +22,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+
+JSON_HELP = "print exactly one JSON object"
+QUIET_HELP = "no progress bar on stderr"
+
+
+def output_options(parser: argparse.ArgumentParser, quiet: bool | str = False, json_help: str = JSON_HELP) -> None:
+    """The options every reporting command shares: ``--json`` (one JSON object on stdout, the DESIGN
+    contract) and, for commands with a progress bar, ``--quiet``."""
+    if quiet:
+        parser.add_argument("--quiet", action="store_true", help=QUIET_HELP if quiet is True else quiet)
+    parser.add_argument("--json", action="store_true", help=json_help)
+
+
 def cmd_info(args: argparse.Namespace) -> dict[str, Any]:
     from training.dicom.display import voi_names
     from training.dicom.io import open_image
@@ -46,7 +59,7 @@ def _print_human(report: dict[str, Any]) -> None:
 
 def args_info(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a DICOM file (any extension) or a folder holding one series")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    output_options(parser)
 
 
 def cmd_tissue(args: argparse.Namespace) -> dict[str, Any]:
@@ -89,7 +102,7 @@ def args_tissue(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", help="a DICOM file or a folder holding one series")
     parser.add_argument("--out", help="write the mask as an 8-bit PNG (255 = tissue)")
     parser.add_argument("--frame", type=int, help="slice of a DBT volume (default: every slice, stats only)")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    output_options(parser)
 
 
 def cmd_sample(args: argparse.Namespace) -> dict[str, Any]:
@@ -139,11 +152,11 @@ def args_sample(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n", type=int, default=1, help="number of samples (default 1)")
     parser.add_argument("--frame", type=int, help="DBT: anchor slice of the pairs (default: drawn from the seed)")
     parser.add_argument("--config", help="JSON file of sampler settings (training.sampler.sampler.SamplerConfig fields)")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object (the QA records)")
+    output_options(parser, json_help="print exactly one JSON object (the QA records)")
 
 
 def cmd_phantom(args: argparse.Namespace) -> dict[str, Any]:
-    from training.phantom.writer import generate, parse_shape
+    from training.phantom.dataset import generate, parse_shape
 
     shape = parse_shape(args.shape) if args.shape else None
     return generate(args.out, args.kind, args.n, args.seed, density=args.density, lesion=args.lesion,
@@ -162,8 +175,7 @@ def args_phantom(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shape", help="ROWSxCOLS of each image, e.g. 1024x832 (default: full size)")
     parser.add_argument("--workers", type=int, help="parallel processes (default: one per CPU, at most N)")
     parser.add_argument("--overwrite", action="store_true", help="write into a folder that is not empty")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    output_options(parser, quiet=True)
 
 
 def cmd_pretrain(args: argparse.Namespace) -> dict[str, Any]:
@@ -234,8 +246,7 @@ def args_pretrain(parser: argparse.ArgumentParser) -> None:
                         "laterality, view), measured every monitor.every steps (--set monitor.every=N)")
     parser.add_argument("--monitor-phantom", metavar="CSV", help="learning curve: a phantom benchmark labels.csv "
                         "(mammodino phantom), measured every monitor.every steps")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    output_options(parser, quiet=True)
 
 
 def cmd_monitor(args: argparse.Namespace) -> dict[str, Any]:
@@ -264,7 +275,7 @@ def args_monitor(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-images", type=int, default=DEFAULT_MAX_IMAGES,
                         help=f"at most this many images of each CSV, whole patients (default {DEFAULT_MAX_IMAGES})")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    output_options(parser)
 
 
 def cmd_cache(args: argparse.Namespace) -> dict[str, Any]:
@@ -289,12 +300,12 @@ def args_cache(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, help="local processes (default: one per CPU)")
     parser.add_argument("--scheduler", metavar="ADDRESS",
                         help="a dask.distributed scheduler, e.g. tcp://host:8786 (needs the distributed package)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    output_options(parser, quiet=True)
 
 
 def cmd_finetune(args: argparse.Namespace) -> dict[str, Any]:
-    from training.evaluate.heads.classify import FinetuneConfig, finetune
+    from training.evaluate.heads.loop import FinetuneConfig
+    from training.evaluate.heads.classify import finetune
 
     config = FinetuneConfig(mode=args.mode, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                             val_fraction=args.val_fraction, patience=args.patience, resolution=args.resolution,
@@ -334,12 +345,11 @@ def args_finetune(parser: argparse.ArgumentParser) -> None:
                         help="lesion heatmap: lesion fraction that makes a patch a lesion patch (default 0.25)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
     parser.add_argument("--seed", type=int, default=0, help="split, initialisation and shuffling seed")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    output_options(parser, quiet=True)
 
 
 def cmd_infer(args: argparse.Namespace) -> dict[str, Any]:
-    from training.evaluate.infer import infer_command
+    from training.evaluate.export import infer_command
 
     report = infer_command(args.path, args.checkpoint, args.out, frame=args.frame, all_slices=args.all_slices,
                            resolution=args.resolution, rollout=args.rollout)
@@ -360,7 +370,7 @@ def args_infer(parser: argparse.ArgumentParser) -> None:
     slices.add_argument("--all-slices", action="store_true", help="every slice of a DBT volume (files prefixed sliceNNN_)")
     parser.add_argument("--resolution", type=int, help="long side of the encoder's input in pixels (default: the encoder's)")
     parser.add_argument("--rollout", action="store_true", help="attention rollout over all layers (default: the last layer)")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    output_options(parser)
 
 
 def _encoder_arguments(parser: argparse.ArgumentParser) -> None:
@@ -373,8 +383,7 @@ def _encoder_arguments(parser: argparse.ArgumentParser) -> None:
     cache.add_argument("--cache", help="feature cache folder (default $MAMMODINO_CACHE or ~/.cache/mammodino/features)")
     cache.add_argument("--no-cache", action="store_true", help="compute every feature, store nothing")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default auto")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar on stderr")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    output_options(parser, quiet=True)
 
 
 def _feature_options(args: argparse.Namespace) -> dict[str, Any]:
@@ -440,7 +449,7 @@ def args_embed(parser: argparse.ArgumentParser) -> None:
 
 def cmd_corpus(args: argparse.Namespace) -> dict[str, Any]:
     from training.ssl.corpus import build_corpus
-    from training.phantom.writer import parse_shape
+    from training.phantom.dataset import parse_shape
 
     shape = None if args.shape in ("full", "none") else parse_shape(args.shape)
     return build_corpus(args.out, args.data_root, phantoms=args.phantoms, dbt_phantoms=args.dbt_phantoms,
@@ -469,8 +478,7 @@ def args_corpus(parser: argparse.ArgumentParser) -> None:
                         help=f"share of the patients of split collections held out (default {DEFAULT_FRACTION})")
     parser.add_argument("--seed", type=int, default=0, help="split seed; phantoms use seed, seed+1 (DBT), seed+2 (bench)")
     parser.add_argument("--workers", type=int, default=1, help="phantom processes (default 1: leaves the other cores free)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar and no skipped-file lines on stderr")
-    parser.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    output_options(parser, quiet="no progress bar and no skipped-file lines on stderr")
 
 
 # name -> (run, add_arguments, one-line help). Each command imports what it needs inside `run`, so
@@ -503,6 +511,29 @@ COMMANDS: dict[str, tuple[Callable[[argparse.Namespace], dict[str, Any]],
     "corpus": (cmd_corpus, args_corpus,
                "manifest CSVs over every real collection + phantoms: pretrain/held-out/bench splits by patient"),
 }
+
+
+class _OptionRecorder:
+    """Takes a command's ``add_argument`` calls in place of a parser, to list its options through
+    the same functions that build the parser (argparse keeps its own list private)."""
+
+    def __init__(self) -> None:
+        self.options: set[str] = {"-h", "--help"}
+
+    def add_argument(self, *flags: str, **_: Any) -> None:
+        self.options.update(flag for flag in flags if flag.startswith("-"))
+
+    def add_mutually_exclusive_group(self, **_: Any) -> "_OptionRecorder":
+        return self
+
+
+def command_options(name: str) -> frozenset[str]:
+    """The options ``mammodino NAME`` accepts (the jobs widget offers only these)."""
+    if name not in COMMANDS:
+        raise MammoInputError(f"this installation has no `mammodino {name}` command")
+    recorder = _OptionRecorder()
+    COMMANDS[name][1](recorder)  # type: ignore[arg-type]
+    return frozenset(recorder.options)
 
 
 def build_parser() -> argparse.ArgumentParser:

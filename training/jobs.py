@@ -35,23 +35,31 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from training.errors import MammoInputError
+from training.runs import JsonlReader, METRICS_FILE, tail_lines
+
 
 KINDS = ("pretrain", "finetune")
+
+
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
+
+
 JOB_FILE, LOG_FILE, EXIT_FILE, CANCEL_FILE = "job.json", "job.log", "job.exit", "job.cancel"
+
+
 OBSERVED_QUIET_S = 600  # a run started elsewhere counts as running while it wrote metrics this recently
-METRICS_FILE = "metrics.jsonl"
-# Loss terms in the order a plot should list them (pretrain logs "total", finetune "loss"/"val_loss").
-LOSS_ORDER = ("total", "loss", "val_loss", "dino", "ibot", "koleo", "dbt")
+
+
 _PRESETS = Path(__file__).resolve().parent / "ssl" / "presets"  # not imported: it pulls in torch
+
+
 _RESERVED = ("--out", "--quiet", "--json")
+
 
 # Jobs this process launched: polling their Popen reaps them (no zombie that os.kill(pid, 0) would
 # still find alive) and keeps Python from warning that a running subprocess was garbage-collected.
 _CHILDREN: dict[tuple[int, str], subprocess.Popen] = {}  # (pid, run folder) -> process
 
-
-# --- command lines --------------------------------------------------------------------------------
 
 def to_argv(args: Mapping[str, Any] | Sequence[str]) -> list[str]:
     """Command-line arguments from a list (as given) or a mapping: ``{"max_steps": 4, "resume": True,
@@ -77,13 +85,9 @@ def to_argv(args: Mapping[str, Any] | Sequence[str]) -> list[str]:
 def cli_options(kind: str) -> frozenset[str]:
     """The options ``mammodino KIND`` accepts in this installation (read from the CLI's own parser, so
     the widget offers ``--device`` only where the trainer has it)."""
-    from training.cli import build_parser
+    from training.cli import command_options
 
-    parser = build_parser()
-    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    if kind not in commands.choices:
-        raise MammoInputError(f"this installation has no `mammodino {kind}` command")
-    return frozenset(o for action in commands.choices[kind]._actions for o in action.option_strings)
+    return command_options(kind)
 
 
 def option_values(argv: Sequence[str], flag: str) -> list[str]:
@@ -149,8 +153,6 @@ def command_line(kind: str, argv: Sequence[str], run_dir: str | Path,
     return [sys.executable, "-m", "training", kind, *argv, "--out", str(run_dir), *extra]
 
 
-# --- files ----------------------------------------------------------------------------------------
-
 def _write_json(path: Path, values: dict[str, Any]) -> None:
     """Atomically: a reader never sees half a file."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -165,114 +167,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return None
     return values if isinstance(values, dict) else None
 
-
-def tail_lines(path: str | Path, n: int = 20, block: int = 65536) -> list[str]:
-    """The last ``n`` lines of a text file, reading only its end. A carriage return (a progress bar's
-    redraw) keeps what was written after it."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            size = f.tell()
-            data = b""
-            while size > 0 and data.count(b"\n") <= n:
-                step = min(block, size)
-                size -= step
-                f.seek(size)
-                data = f.read(step) + data
-    except OSError:
-        return []
-    text = data.decode("utf-8", "replace")
-    lines = [line.rstrip("\r").rsplit("\r", 1)[-1] for line in text.split("\n")]
-    if text.endswith("\n"):
-        lines.pop()
-    return lines[-n:] if n > 0 else []
-
-
-class JsonlReader:
-    """Rows of a JSON-lines file, read incrementally: each :meth:`read` parses only the bytes appended
-    since the last one, and only whole lines (a half-written last line waits for its newline). A file
-    that shrank or whose steps went backwards (a resumed run rewrites its metrics up to its checkpoint)
-    is read again from the start; an eval line after the training line of its own step is no step back."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.rows: list[dict[str, Any]] = []
-        self._offset = 0
-        self._inode: int | None = None
-
-    def read(self) -> list[dict[str, Any]]:
-        """The rows appended since the last call (all rows after a restart); updates :attr:`rows`."""
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return []
-        if stat.st_ino != self._inode or stat.st_size < self._offset:
-            self.rows, self._offset, self._inode = [], 0, stat.st_ino
-        if stat.st_size == self._offset:
-            return []
-        with open(self.path, "rb") as f:
-            f.seek(self._offset)
-            data = f.read(stat.st_size - self._offset)
-        end = data.rfind(b"\n") + 1  # whole lines only
-        self._offset += end
-        new = []
-        for line in data[:end].splitlines():
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue  # a line garbled by a crash mid-write: skip it, keep the rest
-            if isinstance(row, dict):
-                new.append(row)
-        previous = self.rows[-1].get("step") if self.rows else None
-        step = new[0].get("step") if new else None
-        if isinstance(previous, (int, float)) and isinstance(step, (int, float)) \
-                and (step < previous or (step == previous and not (is_eval(new[0]) and not is_eval(self.rows[-1])))):
-            self.rows, self._offset = [], 0  # rewritten in place: start again
-            return self.read()
-        self.rows.extend(new)
-        return new
-
-
-def is_eval(row: Mapping[str, Any]) -> bool:
-    """A learning-curve line (``{"step", "kind": "eval", "eval": {...}}``, :mod:`training.evaluate.learning_curve`),
-    not a training step's metrics."""
-    return row.get("kind") == "eval"
-
-
-def eval_curves(rows: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
-    """The learning curve in metrics rows: each measure that has a chance level (a ``NAME_chance`` beside
-    it; mean ranks, on another scale, are left out) as ``{"steps": [...], "values": [...], "chance":
-    the latest chance level}``, in the order the measures first appear. Undefined values are skipped."""
-    curves: dict[str, dict[str, Any]] = {}
-    for row in rows:
-        values = row.get("eval") if is_eval(row) else None
-        if not isinstance(values, Mapping):
-            continue
-        for name, value in values.items():
-            chance = values.get(f"{name}_chance")
-            if name.endswith("_chance") or "mean_rank" in name or not _number(chance):
-                continue
-            curve = curves.setdefault(name, {"steps": [], "values": [], "chance": None})
-            curve["chance"] = float(chance)
-            if _number(value):
-                curve["steps"].append(row.get("step"))
-                curve["values"].append(float(value))
-    return curves
-
-
-def _number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
-
-
-def loss_terms(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    """The loss terms present in metrics rows, in a stable order: the known ones (total, loss,
-    val_loss, dino, ibot, koleo, dbt), then any other ``*loss`` column."""
-    present = {k for row in rows for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    known = [k for k in LOSS_ORDER if k in present]
-    return known + sorted(k for k in present if k.endswith("loss") and k not in known)
-
-
-# --- progress -------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Progress:
@@ -307,8 +201,6 @@ def format_seconds(seconds: float) -> str:
         return f"{seconds // 60} min {seconds % 60} s"
     return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
 
-
-# --- jobs -----------------------------------------------------------------------------------------
 
 class Job:
     """A training job known by its run folder. Cheap to poll: :meth:`status` reads a file and checks a
@@ -588,8 +480,6 @@ def launch(kind: str, args: Mapping[str, Any] | Sequence[str], run_dir: str | Pa
     _write_json(run_dir / JOB_FILE, info)
     return Job(run_dir, info)
 
-
-# --- the wrapper that runs in the job's session -----------------------------------------------------
 
 def _wrap(run_dir: Path, command: list[str]) -> int:
     """Run the trainer, forward SIGTERM to it, record how it ended in ``job.exit``."""

@@ -6,6 +6,7 @@ not exist gives the same one-line error everywhere."""
 from __future__ import annotations
 
 import csv
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,3 +97,91 @@ def _class_key(value: str) -> tuple[int, Any]:
         return (0, float(value))
     except ValueError:
         return (1, value)
+
+
+def data_paths(source: str | Path) -> list[Path]:
+    """What ``--data`` names: a folder (itself), or each ``path`` of a labels CSV (relative to it)."""
+    source = Path(source)
+    if source.is_dir():
+        return [source]
+    if not source.is_file():
+        raise MammoInputError(f"--data {source}: no such folder or CSV file")
+    if source.suffix.lower() != ".csv":
+        raise MammoInputError(f"--data {source}: expected a folder of DICOM files or a labels CSV")
+    with open(source, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    if not rows or "path" not in rows[0]:
+        raise MammoInputError(f"{source.name}: a labels CSV needs a 'path' column (relative to the CSV)")
+    paths = list(dict.fromkeys(source.parent / row["path"] for row in rows if row["path"]))
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise MammoInputError(f"{source.name}: {len(missing)} paths do not exist, e.g. {missing[0]}")
+    return paths
+
+
+def open_data(source: str | Path) -> list[Any]:
+    """Every image (:class:`training.dicom.image.MammoImage`, headers read, pixels lazy) that ``--data`` names;
+    what cannot be opened is skipped with one line on stderr (:func:`open_data_skipping`)."""
+    return open_data_skipping(source)[0]
+
+
+def open_data_skipping(source: str | Path) -> tuple[list[Any], list[tuple[str, str]]]:
+    """The images ``--data`` names, and ``(path, reason)`` of each one skipped because its reader refused
+    it (:class:`MammoInputError` or :class:`OSError`: damaged header, not DICOM, unreadable), each
+    reported in one line on stderr. A folder that fails as a whole is opened file by file, so one bad
+    file costs only itself. No image at all is an error."""
+    from training.dicom.io import open_path
+
+    images: list[Any] = []
+    skipped: list[tuple[str, str]] = []
+    for path in data_paths(source):
+        try:
+            images.extend(open_path(path))
+        except (MammoInputError, OSError) as exc:
+            if not path.is_dir():
+                skipped.append((str(path), _reason(exc, path)))
+                continue
+            found, failed = _open_folder_by_file(path)
+            images.extend(found)
+            skipped.extend(failed)
+    for path, reason in skipped:
+        print(f"mammodino: skipped {path}: {reason}", file=sys.stderr)
+    if not images:
+        example = f" ({skipped[0][0]}: {skipped[0][1]})" if skipped else ""
+        raise MammoInputError(f"{source}: no DICOM images to pretrain on{example}")
+    return images, skipped
+
+
+def _open_folder_by_file(folder: Path) -> tuple[list[Any], list[tuple[str, str]]]:
+    """A folder that :func:`training.dicom.io.open_folder` refused: its readable files, grouped into images as
+    open_folder groups them (slice series become volumes), and the files or series it skips."""
+    from training.dicom import io  # its grouping helpers: open_folder itself takes a whole folder or nothing
+
+    paths = io.dicom_files_in(folder)  # too many files is the user's mistake: it raises
+    headers, skipped = {}, []
+    for path in paths:
+        try:
+            headers[path] = io.read_header(path)
+        except (MammoInputError, OSError) as exc:
+            skipped.append((str(path), _reason(exc, path)))
+    series: dict[str, list[Path]] = {}
+    for i, (path, (ds, _)) in enumerate(headers.items()):
+        series.setdefault(str(ds.get("SeriesInstanceUID", f"file-{i}")), []).append(path)
+    images = []
+    for members in series.values():
+        try:
+            if io._is_slice_series([headers[p][0] for p in members]):
+                images.append(io.open_series(members, [headers[p] for p in members]))
+            else:
+                images.extend(io._from_header(p, *headers[p]) for p in members)
+        except (MammoInputError, OSError) as exc:  # e.g. two slices at one position
+            skipped.append((str(members[0].parent if len(members) > 1 else members[0]), _reason(exc, members[0])))
+    return images, skipped
+
+
+def _reason(exc: Exception, path: Path) -> str:
+    """The reader's message in one line, without the path the skip line names already."""
+    reason = " ".join(str(exc).split())
+    for prefix in (f"{path}: ", f"{path.parent}: "):
+        reason = reason.removeprefix(prefix)
+    return reason or type(exc).__name__

@@ -50,7 +50,7 @@ from scipy import ndimage as ndi
 from training.errors import MammoInputError
 
 if TYPE_CHECKING:  # io pulls in pydicom; tissue needs only the type
-    from training.dicom.io import MammoImage
+    from training.dicom.image import MammoImage
 
 TARGET_SIDE = 512  # thumbnail long side: 8x8 blocks for a 4000 x 3000 image
 N_BINS = 256
@@ -164,7 +164,7 @@ def segment_volume(volume: Any, *, spacing_mm: tuple[float, ...] | None = None,
 
 def tissue_of(image: "MammoImage", index: int | None = None, *, shared: bool = False,
               pixels: np.ndarray | None = None) -> TissueResult:
-    """Tissue of a :class:`~training.dicom.io.MammoImage`: the 2D image, frame `index` of a DBT, or
+    """Tissue of a :class:`~training.dicom.image.MammoImage`: the 2D image, frame `index` of a DBT, or
     (index None) the whole DBT volume. Photometric, spacing and view come from its header; the
     chest-wall side from PatientOrientation when the header has it. ``pixels``: that frame, already
     decoded by the caller (it is not decoded again)."""

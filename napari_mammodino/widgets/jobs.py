@@ -24,7 +24,8 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGro
                             QWidget)
 
 from training.errors import MammoInputError
-from training.jobs import RUNNING, Job, cli_options, eval_curves, launch, loss_terms, option_values
+from training.jobs import RUNNING, Job, cli_options, launch, option_values
+from training.runs import eval_curves, loss_terms
 
 if TYPE_CHECKING:
     import napari

@@ -4,7 +4,7 @@ image's grid (same mm scale, translate and mirror), with its area and tissue fra
 The widget is thin: :func:`training.tissue.tissue_of` segments, this module only caches, mirrors
 and draws. What both QA widgets need from an image layer lives in :class:`ImageSource`:
 
-* Pixels. A layer made by this plugin's reader keeps its :class:`~training.dicom.io.MammoImage` (see
+* Pixels. A layer made by this plugin's reader keeps its :class:`~training.dicom.image.MammoImage` (see
   ``_layers.mammo_image_of``), so the widgets segment and sample the *stored* modality values in the
   *stored* orientation, exactly as ``mammodino tissue`` / ``mammodino sample`` do; boxes and masks
   are then mirrored onto the layer when the hanging protocol mirrored it (``metadata["flipped"]``).
@@ -35,7 +35,7 @@ from napari.layers import Image, Labels
 from napari.utils.colormaps import DirectLabelColormap
 
 from training.errors import MammoInputError
-from training.dicom.io import MammoImage
+from training.dicom.image import MammoImage
 from training.progress import Steps, run_steps
 from training.tissue import TissueResult, segment_tissue, tissue_of
 

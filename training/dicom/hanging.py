@@ -1,6 +1,6 @@
 """The mammography hanging protocol: RCC | LCC over RMLO | LMLO, chest walls facing each other.
 
-Pure layout arithmetic on :class:`~training.dicom.io.MammoImage` objects; the napari reader and the
+Pure layout arithmetic on :class:`~training.dicom.image.MammoImage` objects; the napari reader and the
 headless renderer both place images with it. The right breast hangs on the viewer's left with its
 chest wall on its right edge, the left breast mirrors that, so the two chest walls meet in the middle.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from training.dicom.display import to_display
-from training.dicom.io import MammoImage
+from training.dicom.image import MammoImage
 
 CC_FAMILY = ("CC", "XCCL", "XCCM", "FB")
 MLO_FAMILY = ("MLO", "ML", "LM", "LMO", "SIO", "ISO", "AT")

@@ -13,32 +13,29 @@ from __future__ import annotations
 
 import os
 import struct
-import threading
-import uuid
-from collections import OrderedDict
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
-import dask.array as da
 import numpy as np
-from dask.highlevelgraph import HighLevelGraph
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from training.errors import MammoInputError
-from training.dicom.metadata import (DBT_SOP_CLASSES, ImageMeta, build_meta, laterality_of, rescale_of,
+from training.dicom.metadata import (DBT_SOP_CLASSES, build_meta, laterality_of, rescale_of,
     slice_normal, view_of, windows_of)
+from training.dicom.image import FrameRef, FrameSource, MAX_FRAMES, MAX_FRAME_PIXELS, MAX_SIDE, MammoImage, lazy_stack
 
-MAX_SIDE = 16384  # no mammography detector comes near; a larger Rows/Columns is a lying header
-MAX_FRAME_PIXELS = 64_000_000
-MAX_FRAMES = 4096
+
 MAX_FILES = 5000  # in one folder scan
+
+
 PIXEL_DATA_TAG = (0x7FE0, 0x0010)
-NATIVE_LITTLE_ENDIAN = {"1.2.840.10008.1.2", "1.2.840.10008.1.2.1"}  # Implicit / Explicit VR Little Endian
+
+
 ITEM, SEQ_DELIM = (0xFFFE, 0xE000), (0xFFFE, 0xE0DD)
+
 
 # What to install for each decodable transfer syntax whose decoder is missing.
 INSTALL_HINTS = {
@@ -60,176 +57,6 @@ def is_dicom_file(path: str | os.PathLike) -> bool:
     except OSError:
         return False
 
-
-@dataclass(frozen=True)
-class FrameSource:
-    """Where one file's encoded pixel data lives, and what pydicom needs to decode one frame of it."""
-
-    path: str
-    offset: int  # first byte of the Pixel Data value
-    transfer_syntax: str
-    n_frames: int
-    options: dict[str, Any] = field(hash=False)
-    rescale: tuple[tuple[float, float], ...] = field(hash=False, default=())  # (slope, intercept) per frame
-
-    def read(self, index: int) -> np.ndarray:
-        """Decode frame `index` only (stored values, before any LUT)."""
-        if self.transfer_syntax in NATIVE_LITTLE_ENDIAN:
-            return self._read_native(index)
-        decoder = get_decoder(UID(self.transfer_syntax))
-        with open(self.path, "rb") as f:
-            f.seek(self.offset)
-            array, _ = decoder.as_array(f, index=index, **self.options)
-        return array
-
-    def _read_native(self, index: int) -> np.ndarray:
-        """Uncompressed frames need no decoder: read the frame's bytes straight into an array.
-        pydicom's native path does the same plus bookkeeping that cost 3x the read itself."""
-        o = self.options
-        dtype = np.dtype(f"<{'i' if o['pixel_representation'] == 1 else 'u'}{o['bits_allocated'] // 8}")
-        count = o["rows"] * o["columns"]
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + index * count * dtype.itemsize)
-            array = np.fromfile(f, dtype=dtype, count=count)
-        if array.size != count:  # the file shrank after it was opened
-            raise MammoInputError(f"{self.path}: frame {index} is truncated")
-        # Clear the unused high bits, as pydicom's correct_unused_bits: one mask pass for unsigned
-        # data, a shift pair (sign extension) for signed.
-        shift = o["bits_allocated"] - o["bits_stored"]
-        if shift > 0 and o["pixel_representation"] == 1:
-            np.left_shift(array, shift, out=array)
-            np.right_shift(array, shift, out=array)
-        elif shift > 0:
-            np.bitwise_and(array, (1 << o["bits_stored"]) - 1, out=array)
-        return array.reshape(o["rows"], o["columns"])
-
-
-@dataclass(frozen=True)
-class FrameRef:
-    """One displayed frame: which file's which frame, and its modality rescale."""
-
-    source: FrameSource
-    index: int
-    slope: float = 1.0
-    intercept: float = 0.0
-
-
-@dataclass
-class MammoImage:
-    """A lazily decoded mammogram (rows, cols) or DBT volume (slices, rows, cols) plus its header facts."""
-
-    data: da.Array
-    meta: ImageMeta
-    header: Dataset = field(repr=False)
-    frames: list[FrameRef] = field(repr=False, default_factory=list)
-
-    def frame(self, index: int = 0) -> np.ndarray:
-        """Modality values of one frame, decoded now."""
-        return decode_frame(self.frames[index], _value_dtype(self.frames))
-
-
-class FrameStack:
-    """An image's frames as a read-only numpy-style array, for viewers.
-
-    Indexing decodes only the frames it touches and keeps the last `keep` of them (one: napari
-    shows one slice of a volume at a time), so resident memory stays a few frames whatever the
-    volume. `transform(values, frame)` (a per-frame VOI, a mirror) runs once per decoded frame.
-    napari indexes this rather than the dask array: dask costs
-    about 4 ms per compute, more than reading a whole uncompressed frame, which made it the larger
-    part of showing or scrolling to a slice. Pipelines keep using ``MammoImage.data``."""
-
-    def __init__(self, image: MammoImage, transform: Callable[[np.ndarray, int], np.ndarray] | None = None,
-                 dtype: Any = None, keep: int = 1):
-        self._image, self._transform, self._keep = image, transform, keep
-        self.shape: tuple[int, ...] = tuple(image.data.shape)
-        self.ndim = len(self.shape)
-        self.dtype = np.dtype(dtype or image.data.dtype)
-        self._cache: OrderedDict[int, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()  # napari may slice from a worker thread
-
-    @property
-    def image(self) -> MammoImage:
-        """The image whose frames these are (its metadata, its dask array)."""
-        return self._image
-
-    def __len__(self) -> int:
-        return self.shape[0]
-
-    def __repr__(self) -> str:
-        return f"FrameStack({self.shape}, {self.dtype}, {Path(self._image.meta.path).name})"
-
-    def frame(self, index: int) -> np.ndarray:
-        with self._lock:
-            if index in self._cache:
-                self._cache.move_to_end(index)
-                return self._cache[index]
-        values = self._image.frame(index)
-        if self._transform is not None:
-            values = self._transform(values, index)
-        values = np.asarray(values, dtype=self.dtype)
-        values.flags.writeable = False  # shared with later readers of the cache
-        with self._lock:
-            self._cache[index] = values
-            while len(self._cache) > self._keep:
-                self._cache.popitem(last=False)
-        return values
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        if key and key[0] is Ellipsis and self.ndim == 3:
-            key = (slice(None),) * (self.ndim - len(key) + 1) + key[1:]
-        if self.ndim == 2:
-            return self.frame(0)[key]
-        first, rest = (key[0], key[1:]) if key else (slice(None), ())
-        if isinstance(first, (int, np.integer)):
-            return self.frame(range(self.shape[0])[first])[rest]  # range: negative indices, bounds
-        indices = np.arange(self.shape[0])[first]
-        stacked = np.stack([self.frame(int(i)) for i in indices]) if len(indices) else \
-            np.empty((0, *self.shape[1:]), self.dtype)
-        return stacked[(slice(None), *rest)]
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        return np.asarray(self[...], dtype=dtype)
-
-
-def decode_frame(ref: FrameRef, dtype: np.dtype) -> np.ndarray:
-    stored = ref.source.read(ref.index)
-    if ref.slope == 1.0 and ref.intercept == 0.0:
-        return stored.astype(dtype, copy=False)
-    return (stored * np.float32(ref.slope) + np.float32(ref.intercept)).astype(dtype, copy=False)
-
-
-def _value_dtype(frames: list[FrameRef]) -> np.dtype:
-    """Stored dtype when no frame is rescaled (no copy, no cost), float32 otherwise."""
-    if all(f.slope == 1.0 and f.intercept == 0.0 for f in frames):
-        options = frames[0].source.options
-        signed = options["pixel_representation"] == 1
-        size = {8: 1, 16: 2, 32: 4}[options["bits_allocated"]]
-        return np.dtype(f"{'i' if signed else 'u'}{size}")
-    return np.dtype(np.float32)
-
-
-def lazy_stack(frames: list[FrameRef], volume: bool) -> da.Array:
-    """A dask array with exactly one chunk per frame; nothing is decoded until a chunk is computed."""
-    dtype = _value_dtype(frames)
-    rows, cols = frames[0].source.options["rows"], frames[0].source.options["columns"]
-    # A plain task per frame: da.map_blocks' blockwise machinery cost more than reading a frame.
-    name = f"mammodino-frames-{uuid.uuid4().hex}"  # unique: a file may change between two opens
-    if volume:
-        graph = {(name, i, 0, 0): (_decode_slice, ref, dtype) for i, ref in enumerate(frames)}
-        chunks: tuple = ((1,) * len(frames), (rows,), (cols,))
-    else:
-        graph = {(name, 0, 0): (decode_frame, frames[0], dtype)}
-        chunks = ((rows,), (cols,))
-    meta = np.empty((0,) * len(chunks), dtype=dtype)
-    return da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name, chunks, meta=meta)
-
-
-def _decode_slice(ref: FrameRef, dtype: np.dtype) -> np.ndarray:
-    return decode_frame(ref, dtype)[None]
-
-
-# --- one file ------------------------------------------------------------------------------------
 
 def read_header(path: str | os.PathLike) -> tuple[Dataset, FrameSource]:
     """Parse everything but the pixel data and check that the pixel data the header promises exists."""
@@ -394,8 +221,6 @@ def open_file(path: str | os.PathLike) -> MammoImage:
         return open_raster(path)
     return _from_header(Path(path), *read_header(path))
 
-
-# --- folders -------------------------------------------------------------------------------------
 
 def dicom_files_in(folder: str | os.PathLike, max_depth: int = 3) -> list[Path]:
     """DICOM files (by their DICM marker, any or no extension) below `folder`, sorted by path."""

@@ -1,4 +1,4 @@
-"""Mammograms that are not DICOM: PNG, JPEG and TIFF files as a :class:`training.dicom.io.MammoImage`.
+"""Mammograms that are not DICOM: PNG, JPEG and TIFF files as a :class:`training.dicom.image.MammoImage`.
 
 Public collections often ship mammograms as raster files (DDSM's preprocessed PNGs, CDD-CESM's JPEGs).
 They enter the pipeline exactly like a DICOM file: a lazy dask array with one chunk, a
@@ -10,7 +10,7 @@ sampler, the preprocessing cache and the encoder work unchanged.
 Values: 8-bit files stay uint8, 16-bit ones uint16, 32-bit integer TIFFs int32; colour (RGB, palette,
 with or without alpha) becomes luminance (ITU-R 601, Pillow's ``convert("L")``), 8-bit. Pillow reduces
 48-bit RGB PNGs to 8 bits per channel when it opens them. Opening reads the file's header only, and
-its size is checked against :data:`training.dicom.io.MAX_SIDE` / ``MAX_FRAME_PIXELS`` before anything is
+its size is checked against :data:`training.dicom.image.MAX_SIDE` / ``MAX_FRAME_PIXELS`` before anything is
 decoded, so a huge or lying file gives one line, not an allocation.
 """
 
@@ -28,7 +28,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import SecondaryCaptureImageStorage, generate_uid
 
 from training.errors import MammoInputError
-from training.dicom.io import MAX_FRAME_PIXELS, MAX_SIDE, FrameRef, FrameSource, MammoImage, lazy_stack
+from training.dicom.image import MAX_FRAME_PIXELS, MAX_SIDE, FrameRef, FrameSource, MammoImage, lazy_stack
 from training.dicom.metadata import _laterality_from_text, _view_from_text, build_meta
 
 RASTER_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")

@@ -123,7 +123,8 @@ def prepare(values: np.ndarray, tissue: np.ndarray, resolution: int, patch: int,
             percentiles: Sequence[float] = DEFAULT_PERCENTILES, frame: int | None = None) -> Prepared:
     """``values`` (MONOCHROME2, tissue bright) and its ``tissue`` mask -> :class:`Prepared`: the tissue
     box (the whole image when there is no tissue) at ``resolution`` px on its long side."""
-    from training.sampler.sampler import _Pyramid, _intensity_range, _tissue_box
+    from training.sampler.augment import Pyramid, tissue_window
+    from training.sampler.boxes import tissue_box
 
     values = np.asarray(values)
     tissue = np.asarray(tissue, dtype=bool)
@@ -132,12 +133,12 @@ def prepare(values: np.ndarray, tissue: np.ndarray, resolution: int, patch: int,
                               f"{tissue.shape}")
     if resolution < patch:
         raise MammoInputError(f"resolution {resolution} is smaller than one patch ({patch} px)")
-    box = _tissue_box(tissue) or (0, 0, *values.shape)
+    box = tissue_box(tissue) or (0, 0, *values.shape)
     rows, cols = output_shape((box[2] - box[0], box[3] - box[1]), resolution, patch)
-    lo, hi = _intensity_range(values, tissue, box, tuple(percentiles))
-    pixels = _Pyramid(values, box).resample(box, (rows, cols), lo, hi)
+    lo, hi = tissue_window(values, tissue, box, tuple(percentiles))
+    pixels = Pyramid(values, box).resample(box, (rows, cols), lo, hi)
     grid = (rows // patch, cols // patch)
-    fraction = _Pyramid(tissue.astype(np.float32), box).resample(box, grid, 0.0, 1.0)
+    fraction = Pyramid(tissue.astype(np.float32), box).resample(box, grid, 0.0, 1.0)
     patch_px = ((box[2] - box[0]) / grid[0], (box[3] - box[1]) / grid[1])
     return Prepared(pixels, box, grid, patch_px, fraction, tuple(values.shape), frame)
 
@@ -210,7 +211,7 @@ class Encoder:
         return prepare(values, tissue, resolution or self.resolution, self.patch_size, self.percentiles, frame)
 
     def prepare_image(self, image: Any, frame: int | None = None, resolution: int | None = None) -> Prepared:
-        """A :class:`training.dicom.io.MammoImage` (``frame``: the DBT slice; default the middle one)."""
+        """A :class:`training.dicom.image.MammoImage` (``frame``: the DBT slice; default the middle one)."""
         values, tissue, frame = read_frame(image, frame)
         return self.prepare(values, tissue, resolution, frame)
 

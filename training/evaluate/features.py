@@ -84,7 +84,7 @@ def volume_slices(n: int, max_slices: int) -> list[int]:
 
 def features_of(encoder: Any, image: Any, resolution: int | None = None,
                    max_slices: int = DEFAULT_MAX_SLICES) -> np.ndarray:
-    """Probe features (F,) float32 of one :class:`training.dicom.io.MammoImage` (DBT: slice mean)."""
+    """Probe features (F,) float32 of one :class:`training.dicom.image.MammoImage` (DBT: slice mean)."""
     if image.data.ndim == 3:
         frames: list[int | None] = volume_slices(image.data.shape[0], max_slices)
     else:

@@ -291,7 +291,7 @@ def lesion_patch_auroc(outputs: Sequence[Output], images: Sequence[MonitorImage]
     from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
-    from training.evaluate.heads.classify import grouped_split
+    from training.evaluate.metrics import grouped_split
     from training.evaluate.heads.localise import patch_auroc
 
     usable = [i for i, im in enumerate(images) if im.targets is not None]

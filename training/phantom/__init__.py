@@ -32,7 +32,7 @@ import numpy as np
 from training.errors import MammoInputError
 from training.phantom import anatomy
 from training.phantom.acquisition import Acquisition, acquire_dbt, acquire_ffdm
-from training.phantom.anatomy import CalcSpec, MassSpec
+from training.phantom.lesions import CalcSpec, MassSpec, calc_cluster, mass_volume
 
 __all__ = ["LesionTruth", "SimulatedImage", "simulate_ffdm", "simulate_dbt", "simulate_exam"]
 
@@ -223,9 +223,9 @@ def _simulate(kind: str, seed: int, view: str, laterality: str, density: str, ki
         margin = lesion.diameter_mm / 2 + 1.0
         center = anatomy.lesion_center(lesion, phantom, margin)
         if isinstance(lesion, MassSpec):
-            masses.append((label, anatomy.mass_volume(lesion, center, pitch)))
+            masses.append((label, mass_volume(lesion, center, pitch)))
         else:
-            calcs.append((label, anatomy.calc_cluster(lesion, center)))
+            calcs.append((label, calc_cluster(lesion, center)))
         truths.append((label, lesion, center))
     noise = _stream(seed, 3, side, v, modality)
     if kind == "ffdm":

@@ -46,7 +46,8 @@ from scipy import fft as sfft
 from scipy import ndimage
 from threadpoolctl import threadpool_limits
 
-from training.phantom.anatomy import MU_PER_MM, CalcCluster, LesionVolume, Phantom
+from training.phantom.anatomy import MU_PER_MM, Phantom
+from training.phantom.lesions import CalcCluster, LesionVolume
 
 BITS_STORED = 12
 

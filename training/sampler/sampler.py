@@ -59,54 +59,20 @@ with p 0.8, blur 1.0/0.1/0.5 with sigma 0.1-2.0 and a 9-tap kernel). Patch size 
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Sequence
 
 import numpy as np
-from scipy import ndimage
 
 from training.errors import MammoInputError
-
-Box = tuple[int, int, int, int]  # row0, col0, row1, col1: half-open, full-resolution image pixels
-
-_GEOMETRY_DRAWS = 100  # torchvision tries 10 before its centred fallback; see the module docstring
-_BLOCK_DRAWS = 10     # DINOv2's block masking gives up after 10 draws that add nothing
+from training.sampler.boxes import Box, centroid_box, box_tissue_fraction, grow_box, patch_tissue_fractions, tissue_box, union_box, random_resized_box
+from training.sampler.masking import block_mask
+from training.sampler.augment import AugmentConfig, Pyramid, augment_pixels, flip_crop, tissue_window
 
 
 class NoTissueError(MammoInputError):
     """The tissue mask is empty, so the tissue-aware sampler has nothing to sample; skip the image or
     use the naive sampler."""
-
-
-# --- configuration (data, JSON-able) ---------------------------------------------------------------
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Per-crop augmentations that make sense for X-ray. Probabilities in [0, 1]."""
-
-    hflip: float = 0.5                                   # DINOv2 RandomHorizontalFlip(p=0.5)
-    vflip: float = 0.0                                   # not in DINOv2; off by default
-    jitter: float = 0.8                                  # DINOv2 applies ColorJitter with p=0.8
-    brightness: float = 0.4                              # factor U[1-b, 1+b] (DINOv2 brightness=0.4)
-    contrast: float = 0.4                                # factor U[1-c, 1+c] about the crop mean (0.4)
-    gamma: float = 0.5                                   # ours: vendors' display curves differ
-    gamma_range: tuple[float, float] = (0.7, 1.4)        # log-uniform exponent
-    blur: tuple[float, float, float] = (1.0, 0.1, 0.5)   # first global, other globals, locals (DINOv2)
-    blur_sigma: tuple[float, float] = (0.1, 2.0)         # output pixels, kernel radius 4 (DINOv2's 9 taps)
-    noise: float = 0.2                                   # ours: quantum noise differs between detectors
-    noise_std: tuple[float, float] = (0.005, 0.03)       # in [0, 1] display units
-
-    def __post_init__(self) -> None:
-        probabilities = [self.hflip, self.vflip, self.jitter, self.gamma, self.noise, *self.blur]
-        if len(self.blur) != 3 or not all(0 <= p <= 1 for p in probabilities):
-            raise MammoInputError("augment: probabilities must be in [0, 1] (blur: three of them)")
-        for name in ("gamma_range", "blur_sigma", "noise_std"):
-            lo, hi = getattr(self, name)
-            if not 0 <= lo <= hi:
-                raise MammoInputError(f"augment: {name} must be (low, high) with 0 <= low <= high")
-        if not (0 <= self.brightness < 1 and 0 <= self.contrast < 1 and self.gamma_range[0] > 0):
-            raise MammoInputError("augment: brightness and contrast must be in [0, 1), gamma_range above 0")
 
 
 @dataclass(frozen=True)
@@ -215,8 +181,6 @@ def _lists(value: Any) -> Any:
     return value
 
 
-# --- what a sample is ------------------------------------------------------------------------------
-
 @dataclass
 class Crop:
     """One view. ``pixels``, ``patch_tissue`` and ``patch_mask`` are as the model sees them (after
@@ -242,7 +206,7 @@ class Crop:
         """The patch mask in image orientation: row 0 at the box's top, column 0 at its left."""
         if self.patch_mask is None:
             return None
-        return _flip(self.patch_mask, self.vflip, self.hflip)
+        return flip_crop(self.patch_mask, self.vflip, self.hflip)
 
 
 @dataclass
@@ -322,8 +286,6 @@ class Sample:
         }
 
 
-# --- the sampler -----------------------------------------------------------------------------------
-
 class MultiCropSampler:
     """DINOv2 multi-crop + iBOT block masks; ``tissue_aware=False`` is plain DINOv2 (for ablations)."""
 
@@ -378,7 +340,7 @@ class MultiCropSampler:
         shape = images[0].shape
         region = self._region(tissues, shape, pair)
         # one intensity window for both slices of a pair, so that they stay comparable
-        lo, hi = _intensity_range(images[0], tissues[0], region, cfg.intensity_percentiles)
+        lo, hi = tissue_window(images[0], tissues[0], region, cfg.intensity_percentiles)
         # Global crops over the whole image (air, film labels and all) while locals stay on tissue: the
         # student must then match air-free local views from views full of air, and learns to ignore it.
         wide = self.tissue_aware and cfg.global_region == "image"
@@ -400,18 +362,18 @@ class MultiCropSampler:
         # Pixels: one pyramid per slice; photometric augmentations drawn per slice.
         crops: list[Crop] = []
         for s, (image, slice_index) in enumerate(zip(images, list(pair) if pair else [None])):
-            pyramid = _Pyramid(image, global_region if wide else region)
+            pyramid = Pyramid(image, global_region if wide else region)
             for n, (kind, size, box, fractions, fallback, vflip, hflip) in enumerate(geometry):
-                pixels = _flip(pyramid.resample(box, size, lo, hi), vflip, hflip)
+                pixels = flip_crop(pyramid.resample(box, size, lo, hi), vflip, hflip)
                 if cfg.augment is not None:
                     blur_p = cfg.augment.blur[0 if n == 0 else 1 if kind == "global" else 2]
-                    pixels = _augment(pixels, cfg.augment, blur_p, aug_rng)
+                    pixels = augment_pixels(pixels, cfg.augment, blur_p, aug_rng)
                 crop = Crop(kind, box, fractions[s], fallback, slice_index, np.ascontiguousarray(pixels),
                             hflip=hflip, vflip=vflip)
                 if kind == "global":  # masks and tissue grids follow the pixels through the flips
-                    crop.patch_mask = np.ascontiguousarray(_flip(masks[n], vflip, hflip))
+                    crop.patch_mask = np.ascontiguousarray(flip_crop(masks[n], vflip, hflip))
                     if patch_tissue[n] is not None:
-                        crop.patch_tissue = np.ascontiguousarray(_flip(patch_tissue[n][s], vflip, hflip))
+                        crop.patch_tissue = np.ascontiguousarray(flip_crop(patch_tissue[n][s], vflip, hflip))
                     crop.mask_ratio = ratios[n]
                 crops.append(crop)
         return Sample(crops, seed, self.tissue_aware, cfg, (int(shape[0]), int(shape[1])), region,
@@ -419,13 +381,13 @@ class MultiCropSampler:
 
     def _region(self, tissues: list[np.ndarray], shape: tuple[int, ...], pair: tuple[int, int] | None) -> Box:
         """Where crops may lie: the (grown) tissue bounding box, or the whole image."""
-        boxes = [b for b in (_tissue_box(t) for t in tissues) if b is not None]
+        boxes = [b for b in (tissue_box(t) for t in tissues) if b is not None]
         if self.tissue_aware and not boxes:
             where = f"slices {pair}" if pair is not None else "the image"
             raise NoTissueError(f"no breast tissue in the mask of {where}: the tissue-aware sampler needs "
                                 "some (skip this image, or use the naive sampler)")
         if self.tissue_aware and self.config.region == "tissue":
-            return _grow(_union(boxes), self.config.global_size, shape)
+            return grow_box(union_box(boxes), self.config.global_size, shape)
         return 0, 0, shape[0], shape[1]
 
     def _masks(self, boxes: list[Box], tissues: list[np.ndarray], rng: np.random.Generator
@@ -442,7 +404,7 @@ class MultiCropSampler:
         edges = np.linspace(cfg.mask_ratio[0], cfg.mask_ratio[1], n_masked + 1)
         for rank, index in enumerate(rng.permutation(n)[:n_masked]):
             ratios[index] = float(rng.uniform(edges[rank], edges[rank + 1]))  # stratified, as DINOv2's collate
-            patch_tissue[index] = [_patch_tissue(t, boxes[index], cfg.grid) for t in tissues]
+            patch_tissue[index] = [patch_tissue_fractions(t, boxes[index], cfg.grid) for t in tissues]
             if self.tissue_aware:  # both slices of a pair must pass
                 eligible = np.minimum.reduce(patch_tissue[index]) >= cfg.patch_min_tissue
             else:
@@ -459,255 +421,21 @@ class MultiCropSampler:
         cfg = self.config
         if not self.tissue_aware:
             box = random_resized_box(region, scale, cfg.aspect, rng)
-            return box, [_fraction(t, box) for t in tissues], False
+            return box, [box_tissue_fraction(t, box) for t in tissues], False
         best: tuple[float, Box, list[float]] | None = None
         for _ in range(cfg.max_tries):
             box = random_resized_box(region, scale, cfg.aspect, rng)
-            fractions = [_fraction(t, box) for t in tissues]
+            fractions = [box_tissue_fraction(t, box) for t in tissues]
             if min(fractions) >= min_tissue:
                 return box, fractions, False
             if best is None or min(fractions) > best[0]:
                 best = (min(fractions), box, fractions)
-        box = _centroid_box(tissues, region, scale[0])
-        fractions = [_fraction(t, box) for t in tissues]
+        box = centroid_box(tissues, region, scale[0])
+        fractions = [box_tissue_fraction(t, box) for t in tissues]
         if best is None or min(fractions) > best[0]:
             best = (min(fractions), box, fractions)
         return best[1], best[2], True
 
-
-# --- geometry --------------------------------------------------------------------------------------
-
-def random_resized_box(region: Box, scale: tuple[float, float], aspect: tuple[float, float],
-                       rng: np.random.Generator) -> Box:
-    """torchvision's RandomResizedCrop box: area a ``scale`` fraction of the region, width/height
-    log-uniform in ``aspect``, position uniform; after 100 misfits, a centred crop with clamped aspect."""
-    r0, c0, r1, c1 = region
-    height, width = r1 - r0, c1 - c0
-    area = height * width
-    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
-    for _ in range(_GEOMETRY_DRAWS):
-        target = area * rng.uniform(scale[0], scale[1])
-        ratio = math.exp(rng.uniform(log_lo, log_hi))
-        w = int(round(math.sqrt(target * ratio)))
-        h = int(round(math.sqrt(target / ratio)))
-        if 0 < w <= width and 0 < h <= height:
-            top = r0 + int(rng.integers(0, height - h + 1))
-            left = c0 + int(rng.integers(0, width - w + 1))
-            return top, left, top + h, left + w
-    ratio = width / height
-    if ratio < aspect[0]:
-        w, h = width, max(1, int(round(width / aspect[0])))
-    elif ratio > aspect[1]:
-        w, h = max(1, int(round(height * aspect[1]))), height
-    else:
-        w, h = width, height
-    top, left = r0 + (height - h) // 2, c0 + (width - w) // 2
-    return top, left, top + h, left + w
-
-
-def _tissue_box(tissue: np.ndarray) -> Box | None:
-    rows = np.flatnonzero(tissue.any(axis=1))
-    if rows.size == 0:
-        return None
-    cols = np.flatnonzero(tissue.any(axis=0))
-    return int(rows[0]), int(cols[0]), int(rows[-1]) + 1, int(cols[-1]) + 1
-
-
-def _union(boxes: list[Box]) -> Box:
-    return (min(b[0] for b in boxes), min(b[1] for b in boxes), max(b[2] for b in boxes), max(b[3] for b in boxes))
-
-
-def _grow(box: Box, min_side: int, shape: tuple[int, ...]) -> Box:
-    """Grow a box about its centre (staying inside the image) to ``min_side`` a side, so that a speck
-    of tissue does not make every crop an upsampled blur of a few pixels."""
-    out = []
-    for lo, hi, size in ((box[0], box[2], shape[0]), (box[1], box[3], shape[1])):
-        side = min(max(hi - lo, min_side), size)
-        start = min(max((lo + hi - side) // 2, 0), size - side)
-        out.append((start, start + side))
-    return out[0][0], out[1][0], out[0][1], out[1][1]
-
-
-def _fraction(tissue: np.ndarray, box: Box) -> float:
-    r0, c0, r1, c1 = box
-    return np.count_nonzero(tissue[r0:r1, c0:c1]) / max((r1 - r0) * (c1 - c0), 1)
-
-
-def _centroid_box(tissues: list[np.ndarray], region: Box, scale: float) -> Box:
-    """A square at ``scale`` of the region centred on the tissue centroid (from every 4th pixel)."""
-    step = 4
-    points = np.argwhere(np.logical_or.reduce([t[::step, ::step] for t in tissues]))
-    if points.size == 0:  # tissue thinner than the stride: any tissue pixel will do
-        points = np.argwhere(np.logical_or.reduce(tissues))[:1]
-        step = 1
-    centre = points.mean(axis=0) * step
-    r0, c0, r1, c1 = region
-    side = max(1, min(int(round(math.sqrt(scale * (r1 - r0) * (c1 - c0)))), r1 - r0, c1 - c0))
-    top = int(min(max(round(centre[0] - side / 2), r0), r1 - side))
-    left = int(min(max(round(centre[1] - side / 2), c0), c1 - side))
-    return top, left, top + side, left + side
-
-
-def _patch_tissue(tissue: np.ndarray, box: Box, grid: int) -> np.ndarray:
-    """Exact tissue fraction of each of grid x grid patches of the box (edges rounded to pixels)."""
-    r0, c0, r1, c1 = box
-    height, width = r1 - r0, c1 - c0
-    sub = tissue[r0:r1, c0:c1]
-    if height < grid or width < grid:  # smaller than the grid: each patch takes its centre pixel
-        rows = ((np.arange(grid) + 0.5) * height / grid).astype(np.intp)
-        cols = ((np.arange(grid) + 0.5) * width / grid).astype(np.intp)
-        return sub[np.ix_(rows, cols)].astype(np.float32)
-    row_edges = np.arange(grid) * height // grid
-    col_edges = np.arange(grid) * width // grid
-    # Along rows first: reducing contiguous memory is ~10x faster than reducing across rows first.
-    row_sums = np.uint16 if width < 2 ** 16 else np.int64  # a row segment counts at most `width`
-    counts = np.add.reduceat(sub.view(np.uint8), col_edges, axis=1, dtype=row_sums)
-    counts = np.add.reduceat(counts, row_edges, axis=0, dtype=np.int64)
-    sizes = np.outer(np.diff(np.append(row_edges, height)), np.diff(np.append(col_edges, width)))
-    return (counts / sizes).astype(np.float32)
-
-
-# --- masks -----------------------------------------------------------------------------------------
-
-def block_mask(eligible: np.ndarray, target: int, rng: np.random.Generator, min_block: int = 4,
-               max_block: float | None = None, aspect: tuple[float, float] = (0.3, 1 / 0.3)) -> np.ndarray:
-    """iBOT block masking as DINOv2 describes it, restricted to ``eligible`` patches: rectangles of
-    ``min_block``..min(remaining, ``max_block``) patches with log-uniform aspect, placed uniformly,
-    each adding the eligible patches it covers that are not masked yet (at most the remaining count),
-    until ``target`` patches are masked or 10 draws in a row add nothing (so it may stop short)."""
-    grid_h, grid_w = eligible.shape
-    mask = np.zeros_like(eligible, dtype=bool)
-    target = min(int(target), int(eligible.sum()))
-    max_block = grid_h * grid_w if max_block is None else max_block
-    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
-    count = 0
-    while count < target:
-        remaining = min(target - count, max_block)
-        for _ in range(_BLOCK_DRAWS):
-            area = min_block + (remaining - min_block) * rng.random()  # DINOv2 allows remaining < min
-            ratio = math.exp(rng.uniform(log_lo, log_hi))
-            h = int(round(math.sqrt(area * ratio)))
-            w = int(round(math.sqrt(area / ratio)))
-            if not (0 < h < grid_h and 0 < w < grid_w):
-                continue
-            top = int(rng.integers(0, grid_h - h + 1))
-            left = int(rng.integers(0, grid_w - w + 1))
-            window = mask[top:top + h, left:left + w]
-            new = eligible[top:top + h, left:left + w] & ~window
-            added = int(new.sum())
-            if 0 < added <= remaining:
-                window |= new
-                count += added
-                break
-        else:
-            break
-    return mask
-
-
-# --- pixels ----------------------------------------------------------------------------------------
-
-class _Pyramid:
-    """Block-mean (area) reductions of one image region, built lazily. Each crop is resampled
-    bilinearly from the coarsest level still at least its output size, so downsampling by more than
-    2x averages like an antialiased resize (DINOv2 resizes with PIL, which filters over the footprint)
-    and the cost is in output pixels, not crop pixels."""
-
-    def __init__(self, image: np.ndarray, region: Box):
-        r0, c0, r1, c1 = region
-        self.origin = (r0, c0)
-        self.levels: list[np.ndarray] = [image[r0:r1, c0:c1]]
-
-    def level(self, k: int) -> np.ndarray:
-        while len(self.levels) <= k:
-            prev = self.levels[-1]
-            h, w = prev.shape[0] // 2, prev.shape[1] // 2
-            rows = prev[0:2 * h:2, :2 * w].astype(np.float32)
-            rows += prev[1:2 * h:2, :2 * w]
-            half = rows[:, 0::2] + rows[:, 1::2]
-            half *= 0.25
-            self.levels.append(half)
-        return self.levels[k]
-
-    def resample(self, box: Box, size: int | tuple[int, int], lo: float, hi: float) -> np.ndarray:
-        """The box (image pixels) as a size x size (or rows x cols) float32 crop, intensities mapped
-        [lo, hi] -> [0, 1]."""
-        r0, c0, r1, c1 = box
-        height, width = r1 - r0, c1 - c0
-        rows, cols = (size, size) if isinstance(size, int) else size
-        base = self.levels[0].shape
-        k = 0
-        while (height >= rows * 2 ** (k + 1) and width >= cols * 2 ** (k + 1)
-               and min(base) >= 2 ** (k + 2)):
-            k += 1
-        level = self.level(k)
-        ys = _axis(r0 - self.origin[0], height, rows, k, level.shape[0])
-        xs = _axis(c0 - self.origin[1], width, cols, k, level.shape[1])
-        (y0, y1, wy), (x0, x1, wx) = ys, xs
-        ya, yb, xa, xb = int(y0[0]), int(y1[-1]) + 1, int(x0[0]), int(x1[-1]) + 1
-        window = level[ya:yb, xa:xb]
-        wy = wy[:, None]
-        rows = window[y0 - ya].astype(np.float32) * (1 - wy) + window[y1 - ya] * wy
-        out = rows[:, x0 - xa] * (1 - wx) + rows[:, x1 - xa] * wx
-        out -= lo
-        out *= 1.0 / (hi - lo)
-        return np.clip(out, 0.0, 1.0, out=out)
-
-
-def _axis(start: int, length: int, size: int, k: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Bilinear taps along one axis: output pixel centres of a box mapped onto level k's pixel centres."""
-    scale = 2.0 ** k
-    pos = (start + (np.arange(size) + 0.5) * (length / size)) / scale - 0.5
-    pos = np.clip(pos, 0, n - 1)
-    i0 = np.minimum(pos.astype(np.intp), max(n - 2, 0))
-    i1 = np.minimum(i0 + 1, n - 1)
-    return i0, i1, (pos - i0).astype(np.float32)
-
-
-def _intensity_range(image: np.ndarray, tissue: np.ndarray, region: Box,
-                     percentiles: tuple[float, float]) -> tuple[float, float]:
-    """Robust [0, 1] window: percentiles of the tissue pixels of the region (a ~65k-pixel subsample)."""
-    r0, c0, r1, c1 = region
-    step = max(1, int(math.sqrt((r1 - r0) * (c1 - c0) / 65_536)))
-    values = image[r0:r1:step, c0:c1:step]
-    inside = values[tissue[r0:r1:step, c0:c1:step]]
-    if inside.size < 100:  # no (or hardly any) tissue: the whole region decides
-        inside = values.ravel()
-    lo, hi = np.percentile(inside, percentiles)
-    if not hi > lo:
-        hi = lo + 1.0
-    return float(lo), float(hi)
-
-
-def _flip(array: np.ndarray, vflip: bool, hflip: bool) -> np.ndarray:
-    if vflip:
-        array = array[::-1]
-    if hflip:
-        array = array[:, ::-1]
-    return array
-
-
-def _augment(x: np.ndarray, aug: AugmentConfig, blur_p: float, rng: np.random.Generator) -> np.ndarray:
-    """Photometric augmentations on a [0, 1] crop; the result stays finite and in [0, 1]."""
-    x = np.array(x, dtype=np.float32)  # own contiguous copy (the input may be a flipped view)
-    if rng.random() < aug.jitter:
-        x *= rng.uniform(1 - aug.brightness, 1 + aug.brightness)
-        np.clip(x, 0.0, 1.0, out=x)
-        mean = x.mean()
-        x -= mean
-        x *= rng.uniform(1 - aug.contrast, 1 + aug.contrast)
-        x += mean
-        np.clip(x, 0.0, 1.0, out=x)
-    if rng.random() < aug.gamma:
-        np.power(x, math.exp(rng.uniform(math.log(aug.gamma_range[0]), math.log(aug.gamma_range[1]))), out=x)
-    if rng.random() < blur_p:
-        x = ndimage.gaussian_filter(x, rng.uniform(*aug.blur_sigma), mode="reflect", radius=4)
-    if rng.random() < aug.noise:
-        x += rng.uniform(*aug.noise_std) * rng.standard_normal(x.shape, dtype=np.float32)
-        np.clip(x, 0.0, 1.0, out=x)
-    return x
-
-
-# --- inputs and seeds ------------------------------------------------------------------------------
 
 def _streams(seed: int) -> list[np.random.Generator]:
     """Independent generators for the pair choice, boxes, masks and augmentations of one seed."""
@@ -741,11 +469,9 @@ def _check_inputs(images: list[Any], tissues: list[Any]) -> tuple[list[np.ndarra
     return out_images, out_tissues
 
 
-# --- from a MammoImage -----------------------------------------------------------------------------
-
 def sample_images(mammo_image: Any, seeds: Iterable[int], naive: bool = False,
                   config: SamplerConfig | None = None, frame: int | None = None) -> list[Sample]:
-    """Samples of a :class:`training.dicom.io.MammoImage`, one per seed, with the tissue mask of
+    """Samples of a :class:`training.dicom.image.MammoImage`, one per seed, with the tissue mask of
     :func:`training.tissue.tissue_of`, decoding only the frames needed, each once. A DBT volume gives
     slice pairs drawn from each seed (``frame`` anchors them at one slice); MONOCHROME1 is inverted
     first so that tissue is bright."""

@@ -347,7 +347,7 @@ def cache_settings(folder: str | Path, settings: CacheSettings | None = None) ->
 def build_cache(images: Sequence[Any] | str | Path, folder: str | Path, settings: CacheSettings | None = None,
                 workers: int | None = None, scheduler: str | None = None, progress: bool = False,
                 fixed_settings: bool = True) -> dict[str, Any]:
-    """Build or update the cache in ``folder`` for ``images`` (:class:`training.dicom.io.MammoImage` objects,
+    """Build or update the cache in ``folder`` for ``images`` (:class:`training.dicom.image.MammoImage` objects,
     or a ``--data`` folder/CSV): entries whose files changed (or that are missing) are rebuilt in
     parallel, the others reused. ``workers``: local processes (default: one per CPU; 1 builds in this
     process); ``scheduler``: a ``dask.distributed`` scheduler address instead. ``fixed_settings``: the
@@ -355,7 +355,7 @@ def build_cache(images: Sequence[Any] | str | Path, folder: str | Path, settings
     named); False lets entries of several settings live side by side (the default folder, which a new
     version with other defaults must not refuse). Returns a report; ``unreadable`` counts the images
     skipped (one line each on stderr)."""
-    from training.ssl.data import open_data_skipping
+    from training.labels import open_data_skipping
 
     start = time.perf_counter()
     folder = Path(folder)
@@ -475,7 +475,7 @@ class FrameCache:
                 "preprocessing": preprocessing(), "automatic": self.automatic}
 
     def entry(self, image: Any) -> dict[str, Any]:
-        """The current entry of ``image`` (a :class:`training.dicom.io.MammoImage`), from the index or its own
+        """The current entry of ``image`` (a :class:`training.dicom.image.MammoImage`), from the index or its own
         JSON file; it holds ``error`` when the image could not be read. A missing or stale entry is an
         error that says how to rebuild."""
         files = source_files(image)

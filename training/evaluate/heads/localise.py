@@ -43,8 +43,10 @@ from torch import Tensor
 
 from training.evaluate.encoder import Encoder, Prepared, TaskHead
 from training.errors import MammoInputError
-from training.evaluate.heads.classify import (Cancelled, FinetuneConfig, RunFolder, _linear_epoch,
-    _run_epochs, class_weights, encode, grouped_split, standardise, weighted_loss)
+from training.evaluate.heads.loop import (Cancelled, FinetuneConfig, linear_epoch, run_epochs,
+    class_weights, encode, standardise, weighted_loss)
+from training.runs import RunFolder
+from training.evaluate.metrics import grouped_split
 from training.labels import LabelledSet
 
 HEAD_NAME = "lesion_heatmap"
@@ -99,7 +101,7 @@ def lesion_regions(row: dict[str, str], column: str, base: Path, prepared: Prepa
     is lesion k) or its boxes (``lesions``), on the frame ``prepared`` shows (DBT: that slice)."""
     shape = tuple(prepared.image_shape)
     if column == "lesion_mask":
-        from training.phantom.writer import load_mask
+        from training.phantom.dataset import load_mask
 
         path = base / row[column].strip()
         if not path.is_file():
@@ -260,7 +262,7 @@ def train_localisation(encoder: Encoder, labelled: LabelledSet, config: Finetune
     patches_per_image = max(1, len(y_train) // max(len(train), 1))
     batch = config.batch_size * patches_per_image
 
-    patch_epoch = _linear_epoch(head, x_train, y_train, w, np.arange(len(y_train)), optimizer, batch, generator, stop)
+    patch_epoch = linear_epoch(head, x_train, y_train, w, np.arange(len(y_train)), optimizer, batch, generator, stop)
 
     def train_epoch() -> tuple[float, int, int]:
         loss, steps, _ = patch_epoch()
@@ -278,7 +280,7 @@ def train_localisation(encoder: Encoder, labelled: LabelledSet, config: Finetune
                 "val_auroc": patch_auroc(maps, [targets[i] for i in val], [tissue[i] for i in val])}
 
     state = lambda: {"head": {k: v.detach().clone() for k, v in head.state_dict().items()}}  # noqa: E731
-    trained = _run_epochs(result, head, train_epoch, evaluate, state, config, folder, stop, progress, tqdm)
+    trained = run_epochs(result, head, train_epoch, evaluate, state, config, folder, stop, progress, tqdm)
     if trained["head"] is not None:
         with torch.no_grad():
             maps = _heatmaps(head, [features[i] for i in val], [targets[i].shape for i in val])
