@@ -22,7 +22,6 @@ Nothing here imports torch, napari or Qt: polling a job costs a few file reads.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
