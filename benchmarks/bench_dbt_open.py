@@ -36,11 +36,9 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.encaps import encapsulate, parse_fragments
-from pydicom.pixels import get_decoder, get_encoder
-from pydicom.sequence import Sequence
-from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
+from pydicom.encaps import parse_fragments
+from pydicom.pixels import get_decoder
+from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless
 
 # Benchmark this checkout's reader, whatever else is installed.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -51,7 +49,6 @@ GOAL_SPEEDUP_VS_EAGER = 10.0
 GOAL_RATIO_VS_FLOOR = 3.0
 GOAL_MAX_FRAMES_RESIDENT = 4.0  # beyond what the floor itself holds to show one frame (the decoder's work)
 BITS_STORED = 12
-TOMO_SOP_CLASS = "1.2.840.10008.5.1.4.1.1.13.1.3"  # Breast Tomosynthesis Image Storage
 FILES = {"native": "dbt_native.dcm", "j2k": "dbt_j2k.dcm"}
 CASES = {"native": ["ours", "ours (dask)", "eager", "floor"],
          "j2k": ["ours", "ours (dask)", "eager", "floor", "floor+openjpeg", "floor+gdcm"]}
@@ -102,48 +99,11 @@ def synthetic_volume(frames: int, rows: int, cols: int, seed: int = 0) -> np.nda
     return volume
 
 
-def dbt_dataset(volume: np.ndarray) -> Dataset:
-    """An enhanced multi-frame DBT header with the functional groups a real one carries per frame."""
-    frames = volume.shape[0]
-    ds = Dataset()
-    ds.file_meta = FileMetaDataset()
-    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = TOMO_SOP_CLASS
-    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
-    ds.FrameOfReferenceUID = generate_uid()
-    ds.Modality, ds.BodyPartExamined = "MG", "BREAST"
-    ds.PatientID, ds.PatientName = "BENCH-DBT", "Bench^DBT"
-    ds.ImageLaterality, ds.ViewPosition = "L", "CC"
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
-    ds.set_pixel_data(volume, "MONOCHROME2", BITS_STORED)  # Rows, Columns, NumberOfFrames, ...
-
-    measures = Dataset()
-    measures.PixelSpacing, measures.SliceThickness, measures.SpacingBetweenSlices = [0.1, 0.1], 1.0, 1.0
-    orientation = Dataset()
-    orientation.ImageOrientationPatient = [0, 1, 0, 0, 0, -1]
-    shared = Dataset()
-    shared.PixelMeasuresSequence = Sequence([measures])
-    shared.PlaneOrientationSequence = Sequence([orientation])
-    ds.SharedFunctionalGroupsSequence = Sequence([shared])
-
-    per_frame = []
-    for i in range(frames):
-        position, window, content = Dataset(), Dataset(), Dataset()
-        position.ImagePositionPatient = [float(i), 0.0, 0.0]
-        window.WindowCenter, window.WindowWidth = 1900, 1400
-        window.WindowCenterWidthExplanation = "NORMAL"
-        content.FrameAcquisitionNumber, content.DimensionIndexValues = 1, [i + 1]
-        item = Dataset()
-        item.FrameContentSequence = Sequence([content])
-        item.PlanePositionSequence = Sequence([position])
-        item.FrameVOILUTSequence = Sequence([window])
-        per_frame.append(item)
-    ds.PerFrameFunctionalGroupsSequence = Sequence(per_frame)
-    return ds
-
-
 def write_files(workdir: Path, frames: int, rows: int, cols: int) -> dict[str, Path]:
-    """Both DICOM files, reused when `workdir` already holds ones of this size."""
+    """Both DICOM files, made by the project's writer (per-frame windows in the functional groups, as
+    real DBT files carry them), reused when `workdir` already holds ones of this size."""
+    from training.phantom.dicom import Identity, enhanced_dbt_dataset, save_dataset
+
     paths = {name: workdir / filename for name, filename in FILES.items()}
     if all(p.exists() for p in paths.values()):
         headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in paths.values()]
@@ -153,23 +113,16 @@ def write_files(workdir: Path, frames: int, rows: int, cols: int) -> dict[str, P
 
     log(f"synthesising {frames} x {rows} x {cols} uint16 ...")
     volume = synthetic_volume(frames, rows, cols)
-    ds = dbt_dataset(volume)
-    ds.save_as(paths["native"], enforce_file_format=True)
-
-    # Encode frame by frame (not ds.compress) to show progress: openjpeg takes ~0.6 s per full frame.
-    encoder = get_encoder(JPEG2000Lossless)
-    encoded = []
+    ds = enhanced_dbt_dataset(volume, Identity.unique(patient_id="BENCH-DBT", patient_name="Bench^DBT"),
+                              bits_stored=BITS_STORED, spacing=(1.0, 0.1, 0.1),
+                              frame_windows=[[(1900, 1400, "NORMAL")]] * frames)
+    save_dataset(ds, paths["native"])
+    log(f"  JPEG 2000 encoding {frames} frames (openjpeg: about 0.6 s per full-size frame) ...")
     started = time.perf_counter()
-    for i in range(frames):
-        encoded.append(encoder.encode(ds, index=i, encoding_plugin="pylibjpeg"))
-        if (i + 1) % 10 == 0 or i + 1 == frames:
-            log(f"  JPEG 2000 encoded {i + 1}/{frames} frames ({time.perf_counter() - started:.0f} s)")
-    ds.PixelData = encapsulate(encoded)  # one fragment per frame, Basic Offset Table filled
-    ds["PixelData"].VR, ds["PixelData"].is_undefined_length = "OB", True
-    ds.file_meta.TransferSyntaxUID = JPEG2000Lossless
-    ds.save_as(paths["j2k"], enforce_file_format=True)
-    ratio = volume.nbytes / sum(len(e) for e in encoded)
-    log(f"  wrote {paths['native']} and {paths['j2k']} (compression {ratio:.2f}:1)")
+    save_dataset(ds, paths["j2k"], JPEG2000Lossless)  # one fragment per frame, Basic Offset Table filled
+    ratio = volume.nbytes / paths["j2k"].stat().st_size
+    log(f"  wrote {paths['native']} and {paths['j2k']} (compression {ratio:.2f}:1, "
+        f"{time.perf_counter() - started:.0f} s)")
     return paths
 
 

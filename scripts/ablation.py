@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from training.evaluate.benchmark import measures  # noqa: E402
 from training.checkpoint import read_metadata  # noqa: E402
+from training.runs import RunFolder  # noqa: E402
 
 MAMMODINO = [sys.executable, "-m", "training"]
 ARMS = {
@@ -74,7 +75,7 @@ def schedule(steps: int) -> list[str]:
 def train(work: Path, corpus: Path, steps: int) -> None:
     for arm in ("d", "c", "b"):
         out = work / "runs" / RUN_NAMES[arm]
-        last = out / "checkpoints" / "last.safetensors"
+        last = RunFolder(out).last_checkpoint
         resume = []
         if last.is_file():
             if read_metadata(last)["step"] >= steps:
@@ -87,7 +88,7 @@ def train(work: Path, corpus: Path, steps: int) -> None:
 def encoder_spec(work: Path, arm: str) -> str:
     if arm == "a":
         return "random:cpu-small"  # seed 0: exactly the weights the trained arms start from
-    return str(work / "runs" / RUN_NAMES[arm] / "checkpoints" / "last.safetensors")
+    return str(RunFolder(work / "runs" / RUN_NAMES[arm]).last_checkpoint)
 
 
 def evaluate(work: Path, corpus: Path) -> dict:

@@ -40,10 +40,11 @@ from training.checkpoint import read_metadata  # noqa: E402
 from training.ssl.presets import PretrainConfig  # noqa: E402
 from training.evaluate.encoder import load_encoder, save_encoder  # noqa: E402
 from training.errors import MammoInputError  # noqa: E402
-from training.evaluate.heads.loop import FinetuneConfig
+from training.evaluate.heads.loop import FinetuneConfig  # noqa: E402
 from training.evaluate.heads.classify import finetune  # noqa: E402
 from training.evaluate.benchmark import LABELS, RESOLUTION, chance_levels, measures, subset  # noqa: E402
 from training.evaluate.model_card import CURVE, model_card  # noqa: E402
+from training.runs import RunFolder  # noqa: E402
 from training.ssl.pretrain import export_state  # noqa: E402
 from training.ssl.throughput import flops_per_image, mfu, peak_flops_of  # noqa: E402
 
@@ -51,9 +52,9 @@ HEADS = ("density", "lesion", "lesion_mask")
 
 
 def stage_record(run: Path) -> dict[str, Any]:
-    last = run / "checkpoints" / "last.safetensors"
-    meta = read_metadata(last)
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    folder = RunFolder(run)
+    meta = read_metadata(folder.last_checkpoint)
+    rows = [json.loads(line) for line in folder.metrics.read_text().splitlines() if line.strip()]
     train = [r for r in rows if r.get("kind") != "eval"]
     evals = [{"step": r["step"], **r["eval"]} for r in rows if r.get("kind") == "eval"]
     every = max(1, len(train) // 40)
@@ -99,7 +100,7 @@ def main() -> None:
     card = args.card or args.out.parent / "README.md"
     stages = [stage_record(run.resolve()) for run in args.stages]
     corpus = args.corpus.resolve()
-    last = args.stages[-1].resolve() / "checkpoints" / "last.safetensors"
+    last = RunFolder(args.stages[-1].resolve()).last_checkpoint
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         heads_csv = subset(corpus / "pretrain.csv", work / "heads.csv",
@@ -116,7 +117,7 @@ def main() -> None:
                 continue
             head_reports[target] = {k: report[k] for k in ("validation", "best_epoch", "classes", "n_train", "n_val")
                                     if k in report}
-            checkpoint = out / "checkpoints" / "last.safetensors"
+            checkpoint = RunFolder(out).last_checkpoint
             print(f"head {target}: {json.dumps(head_reports[target])[:200]}", file=sys.stderr)
         random_spec = f"random:{work / 'model.json'}"
         (work / "model.json").write_text(json.dumps(stages[-1]["config"]))  # the same network, random weights

@@ -33,7 +33,7 @@ def main(argv: list[str]) -> int:
     total += (out / "labels.csv").stat().st_size
     print(f"{'total':<12} {total / 1e6:7.2f} MB, {len(rows)} labelled images -> {out}")
     if total > LIMIT_MB * 1e6:
-        print(f"sample set is over {LIMIT_MB} MB: reduce SAMPLE_*_SHAPE in training/phantom/writer.py")
+        print(f"sample set is over {LIMIT_MB} MB: reduce SAMPLE_*_SHAPE in training/phantom/dataset.py")
         return 1
     return 0
 

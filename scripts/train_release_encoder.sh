@@ -77,10 +77,11 @@ log "2/5 preprocessing cache ($cores workers) -> $work/cache"
 "$PY" -m training cache --data "$work/corpus/pretrain.csv" --out "$work/cache" --workers "$cores" --json > "$work/cache.report.json"
 
 monitor=(--monitor-real "$work/corpus/real.csv" --monitor-phantom "$work/corpus/bench.csv")
+has_checkpoint() { [ -f "$1/checkpoints/last.safetensors" ]; }  # RunFolder.last_checkpoint (training/runs.py)
 train() {  # train OUT ARGS...: a new run, or the same run resumed where it stopped
   local run=$1; shift
   local resume=()
-  [ -f "$run/checkpoints/last.safetensors" ] && resume=(--resume)
+  has_checkpoint "$run" && resume=(--resume)
   "$PY" -m training pretrain --data "$work/corpus/pretrain.csv" --out "$run" --cache "$work/cache" \
     "${monitor[@]}" "${stage_args[@]}" "${resume[@]}" "$@" --quiet --json > "$run.report.json"
 }
@@ -88,7 +89,7 @@ log "3/5 pretraining, $config -> $work/stage1"
 train "$work/stage1" --config "$config" "${stage1_args[@]}"
 log "4/5 high-resolution stage, $hires -> $work/stage2"
 from=(--from "$work/stage1")
-[ -f "$work/stage2/checkpoints/last.safetensors" ] && from=()
+has_checkpoint "$work/stage2" && from=()
 train "$work/stage2" --config "$hires" "${stage2_args[@]}" "${from[@]}"
 
 hours=$(awk -v s="$started" -v e="$(date +%s)" 'BEGIN { printf "%.3f", (e - s) / 3600 }')

@@ -1,4 +1,5 @@
-"""Small DICOM files for tests, written with pydicom exactly as a modality (or a broken one) would.
+"""Small DICOM files for tests, as a modality (or a broken one) would write them: made by the project's
+one writer (:mod:`training.phantom.dicom`), then edited where a test needs a file to lie or lack something.
 
 Every writer returns the path(s) it wrote. Pixel arrays are stored values (uint16, 12 bits stored
 unless told otherwise); images are tiny (e.g. 64 x 48) so that a test stays fast.
@@ -11,50 +12,19 @@ from typing import Any, Sequence
 
 import numpy as np
 from pydicom.dataelem import DataElement
-from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.dataset import Dataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import (UID, ExplicitVRLittleEndian, JPEGLosslessSV1, PYDICOM_IMPLEMENTATION_UID,
-                         generate_uid)
+from pydicom.uid import UID, ExplicitVRLittleEndian
 
-MG_PRESENTATION = "1.2.840.10008.5.1.4.1.1.1.2"  # Digital Mammography X-Ray Image Storage - For Presentation
-BREAST_TOMO = "1.2.840.10008.5.1.4.1.1.13.1.3"  # Breast Tomosynthesis Image Storage
-SNOMED_VIEWS = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique"),
-                "ML": ("399260004", "medio-lateral")}
-AXIAL = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]  # rows along x, columns along y: slices step along z
+from training.phantom.dicom import (AXIAL, BREAST_TOMOSYNTHESIS, MG_FOR_PRESENTATION, Identity, enhanced_dbt_dataset,
+                                    mammogram_dataset, new_dataset, save_dataset)
 
 Window = tuple[float, float]  # (center, width)
 
 
-def code_item(value: str, meaning: str, scheme: str = "SCT") -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
-
-
-def view_code(view: str) -> list[Dataset]:
-    """A ViewCodeSequence (CID 4014, SNOMED CT) for CC, MLO or ML."""
-    return [code_item(*SNOMED_VIEWS[view])]
-
-
-def new_dataset(sop_class: str, pixels: np.ndarray, *, photometric: str = "MONOCHROME2",
-                bits_stored: int = 12, series_uid: str | None = None) -> FileDataset:
-    """A Part 10 dataset holding `pixels` (rows, cols) or (frames, rows, cols) as native pixel data."""
-    pixels = np.ascontiguousarray(pixels, dtype=np.uint16)
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = UID(sop_class), generate_uid()
-    meta.TransferSyntaxUID, meta.ImplementationClassUID = ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
-    ds.Modality, ds.BodyPartExamined = "MG", "BREAST"
-    ds.PatientID, ds.PatientName = "TEST0001", "Test^Patient"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), series_uid or generate_uid()
-    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
-    ds.Rows, ds.Columns = pixels.shape[-2:]
-    if pixels.ndim == 3:
-        ds.NumberOfFrames = pixels.shape[0]
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
-    ds.PixelData = pixels.tobytes()
-    return ds
+def fresh_identity() -> Identity:
+    """A fresh study and series for every file (random UIDs: two files never match by accident)."""
+    return Identity.unique(patient_id="TEST0001", patient_name="Test^Patient")
 
 
 def apply_extra(ds: Dataset, extra: dict[str, Any]) -> None:
@@ -67,49 +37,9 @@ def apply_extra(ds: Dataset, extra: dict[str, Any]) -> None:
             setattr(ds, keyword, value)
 
 
-def save(ds: FileDataset, path: str | Path, transfer_syntax: str = ExplicitVRLittleEndian) -> Path:
-    """Write `ds` in `transfer_syntax`: native, any syntax pydicom encodes, or JPEG Lossless via GDCM."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ts = UID(transfer_syntax)
-    if ts == JPEGLosslessSV1:
-        ds.save_as(path, enforce_file_format=True)
-        _gdcm_transcode(path, ts)
-        return path
-    if ts.is_compressed:
-        ds.compress(ts, generate_instance_uid=False)
-    ds.save_as(path, enforce_file_format=True)
-    return path
-
-
-def _gdcm_transcode(path: Path, ts: UID) -> None:
-    """pydicom cannot encode JPEG Lossless (process 14); GDCM can."""
-    import gdcm
-
-    reader = gdcm.ImageReader()
-    reader.SetFileName(str(path))
-    assert reader.Read(), f"GDCM cannot read {path}"
-    change = gdcm.ImageChangeTransferSyntax()
-    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(str(ts))))
-    change.SetInput(reader.GetImage())
-    assert change.Change(), f"GDCM cannot encode {ts.name}"
-    writer = gdcm.ImageWriter()
-    writer.SetFileName(str(path))
-    writer.SetFile(reader.GetFile())
-    writer.SetImage(change.GetOutput())
-    assert writer.Write(), f"GDCM cannot write {path}"
-
-
-def set_windows(item: Dataset, windows: Window | Sequence[Window], function: str | None = None,
-                explanations: Sequence[str] = ()) -> None:
-    """WindowCenter/Width (one or several windows) and optionally VOILUTFunction on `item`."""
-    pairs = [windows] if isinstance(windows[0], (int, float)) else list(windows)
-    item.WindowCenter = [float(c) for c, _ in pairs] if len(pairs) > 1 else float(pairs[0][0])
-    item.WindowWidth = [float(w) for _, w in pairs] if len(pairs) > 1 else float(pairs[0][1])
-    if explanations:
-        item.WindowCenterWidthExplanation = list(explanations) if len(explanations) > 1 else explanations[0]
-    if function:
-        item.VOILUTFunction = function
+def _windows(windows: Window | Sequence[Window]) -> list[Window]:
+    """One window or several, as a list."""
+    return [windows] if isinstance(windows[0], (int, float)) else list(windows)  # type: ignore[list-item]
 
 
 def voi_lut_item(first_mapped: int, data: Sequence[int], bits: int = 16, explanation: str = "") -> Dataset:
@@ -130,21 +60,13 @@ def write_ffdm(path: str | Path, pixels: np.ndarray, *, photometric: str = "MONO
                transfer_syntax: str = ExplicitVRLittleEndian, **extra: Any) -> Path:
     """A 2D digital mammogram. `voi_lut` is (first mapped value, table, bits per entry); `extra`
     sets (or, with None, deletes) any attribute by keyword."""
-    ds = new_dataset(MG_PRESENTATION, pixels, photometric=photometric, bits_stored=bits_stored)
-    ds.ImageType = ["ORIGINAL", "PRIMARY"]
-    if view:
-        ds.ViewPosition = view
-        ds.ViewCodeSequence = view_code(view)
-    if laterality:
-        ds.ImageLaterality = laterality
-    if spacing:
-        setattr(ds, spacing_tag, list(spacing))
-    if window is not None:
-        set_windows(ds, window, voi_function)
+    ds = mammogram_dataset(pixels, fresh_identity(), photometric=photometric, bits_stored=bits_stored, view=view,
+                           laterality=laterality, spacing=spacing, spacing_tag=spacing_tag,
+                           windows=_windows(window) if window is not None else (), voi_function=voi_function)
     if voi_lut is not None:
         ds.VOILUTSequence = [voi_lut_item(*voi_lut)]
     apply_extra(ds, extra)
-    return save(ds, path, transfer_syntax)
+    return save_dataset(ds, path, transfer_syntax)
 
 
 def write_enhanced_dbt(path: str | Path, volume: np.ndarray, *,
@@ -155,38 +77,13 @@ def write_enhanced_dbt(path: str | Path, volume: np.ndarray, *,
     """A Breast Tomosynthesis multi-frame object whose spacing, geometry, laterality and windows live
     only in the Shared / Per-Frame Functional Groups (nothing at the top level but the view code).
     Frames step `slice_spacing` mm apart along the normal; `slice_thickness` defaults to the same."""
-    ds = new_dataset(BREAST_TOMO, volume)
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
-    ds.ViewCodeSequence = view_code(view)
-    shared = Dataset()
-    measures = Dataset()
-    measures.PixelSpacing, measures.SliceThickness = list(spacing), slice_thickness or slice_spacing
-    shared.PixelMeasuresSequence = [measures]
-    orientation = Dataset()
-    orientation.ImageOrientationPatient = AXIAL
-    shared.PlaneOrientationSequence = [orientation]
-    anatomy = Dataset()
-    anatomy.FrameLaterality = laterality
-    anatomy.AnatomicRegionSequence = [code_item("76752008", "Breast")]
-    shared.FrameAnatomySequence = [anatomy]
-    if window is not None:
-        voi = Dataset()
-        set_windows(voi, window)
-        shared.FrameVOILUTSequence = [voi]
-    ds.SharedFunctionalGroupsSequence = [shared]
-    per_frame = []
-    for i in range(volume.shape[0]):
-        item, position = Dataset(), Dataset()
-        position.ImagePositionPatient = [0.0, 0.0, 10.0 + i * slice_spacing]
-        item.PlanePositionSequence = [position]
-        if per_frame_windows is not None:
-            voi = Dataset()
-            set_windows(voi, per_frame_windows[i])
-            item.FrameVOILUTSequence = [voi]
-        per_frame.append(item)
-    ds.PerFrameFunctionalGroupsSequence = per_frame
+    positions = [[0.0, 0.0, 10.0 + i * slice_spacing] for i in range(volume.shape[0])]
+    ds = enhanced_dbt_dataset(volume, fresh_identity(), spacing=(slice_spacing, *spacing),
+                              slice_thickness=slice_thickness, orientation=AXIAL, positions=positions, view=view,
+                              laterality=laterality, windows=[window] if window is not None else (),
+                              frame_windows=None if per_frame_windows is None else [[w] for w in per_frame_windows])
     apply_extra(ds, extra)
-    return save(ds, path, transfer_syntax)
+    return save_dataset(ds, path, transfer_syntax)
 
 
 def write_slice_series(folder: str | Path, volume: np.ndarray, *, shuffle_names: bool = True,
@@ -201,23 +98,23 @@ def write_slice_series(folder: str | Path, volume: np.ndarray, *, shuffle_names:
     order, rng = np.arange(n), np.random.default_rng(seed)
     while shuffle_names and n > 2 and (np.all(np.diff(order) > 0) or np.all(np.diff(order) < 0)):
         order = rng.permutation(n)  # neither sorted nor reversed: names alone give a wrong order
-    series_uid, paths = generate_uid(), []
+    series, paths = fresh_identity(), []
     for i in range(n):
         rank = int(order[i])  # where slice i comes in file-name order
-        ds = new_dataset(BREAST_TOMO, volume[i], series_uid=series_uid)
+        ds = new_dataset(BREAST_TOMOSYNTHESIS, volume[i], series, series.instance_uid(i))
         ds.ViewPosition, ds.ImageLaterality = "CC", "L"
         ds.PixelSpacing, ds.SliceThickness = list(spacing), slice_spacing
-        ds.ImageOrientationPatient = AXIAL
+        ds.ImageOrientationPatient = list(AXIAL)
         ds.ImagePositionPatient = [0.0, 0.0, -20.0 + i * slice_spacing]
         ds.InstanceNumber = rank + 1
         apply_extra(ds, extra)
-        paths.append(save(ds, folder / (f"IM{rank:04d}" + (".dcm" if rank % 2 else ""))))
+        paths.append(save_dataset(ds, folder / (f"IM{rank:04d}" + (".dcm" if rank % 2 else ""))))
     return paths
 
 
 def write_fake_encapsulated(path: str | Path, transfer_syntax: str, shape: tuple[int, int] = (64, 48)) -> Path:
     """A file whose header names `transfer_syntax` (e.g. MPEG2) over a fragment of meaningless bytes."""
-    ds = new_dataset(MG_PRESENTATION, np.zeros(shape, np.uint16))
+    ds = new_dataset(MG_FOR_PRESENTATION, np.zeros(shape, np.uint16), fresh_identity())
     ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
     ds.PixelData = encapsulate([b"\x00\x00\x01\xb3" + bytes(200)])
     ds["PixelData"].VR = "OB"

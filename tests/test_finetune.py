@@ -200,7 +200,7 @@ def test_bad_labels_exit_2_with_one_line(problem, phantoms, tmp_path, capsys):
         writer.writerows(rows)
     out = tmp_path / "run"
     if problem == "existing run":
-        RunFolder(out).log({"step": 1})
+        RunFolder(out).append_metrics({"step": 1})
     code, _, err = finetune(capsys, "--labels", str(labels), "--target", target, "--out", str(out),
                             "--data", str(phantoms.parent), *FAST)
     assert code == 2

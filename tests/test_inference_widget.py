@@ -10,7 +10,8 @@ import numpy as np
 import pydicom
 import pytest
 
-from napari_mammodino.widgets.inference import Cancelled, InferenceWidget, inference_job
+from napari_mammodino._workers import Cancelled
+from napari_mammodino.widgets.inference import InferenceWidget, inference_job
 from training.evaluate.infer import display_limits, on_image_grid, run_steps, times_uniform
 
 PLUGIN = "napari-mammodino"

@@ -13,7 +13,7 @@ from pydicom.uid import (ExplicitVRLittleEndian, JPEG2000Lossless, JPEGLosslessS
 
 from dicom_factory import labelled_volume, ramp, write_enhanced_dbt, write_ffdm, write_slice_series
 from training.errors import MammoInputError
-from training.lazy import FrameStack
+from training.lazy import FrameStack, LazyStack
 from training.dicom.io import open_file, open_image, open_path
 
 
@@ -139,3 +139,35 @@ def test_frame_stack_of_a_2d_image(tmp_path):
     stack = FrameStack(open_file(write_ffdm(tmp_path / "x.dcm", pixels)), dtype=np.float32)
     np.testing.assert_array_equal(stack[3:5, ::-1], pixels[3:5, ::-1].astype(np.float32))
     assert stack[...].dtype == np.float32 and stack.shape == (32, 24)
+
+
+def test_lazy_stack_planes_not_ready_and_deferred():
+    """A plane not ready yet (None) reads as zeros and is asked for again; a deferred stack's bare int
+    index computes nothing until its values are read."""
+    asked = []
+    ready = {1: np.full((3, 4), 7, np.uint16)}
+
+    def plane(index):
+        asked.append(index)
+        return ready.get(index)
+
+    stack = LazyStack((2, 3, 4), np.uint8, plane, keep=2)
+    assert not stack[0].any() and not stack[0].any() and asked == [0, 0]  # not kept: asked again
+    assert stack[1].dtype == np.uint8 and stack[1, 0, 0] == 7 and asked == [0, 0, 1]
+    assert not stack[1].flags.writeable and ready[1].flags.writeable  # the caller's array is left alone
+    deferred = LazyStack((2, 3, 4), np.uint8, plane, deferred=True)
+    lazy = deferred[1]
+    assert (lazy.shape, lazy.dtype, lazy.ndim) == ((3, 4), np.uint8, 2) and asked == [0, 0, 1]
+    assert np.asarray(lazy)[2, 3] == 7 and asked == [0, 0, 1, 1]
+
+
+def test_frame_index_is_checked_by_the_image(tmp_path):
+    volume = open_file(write_enhanced_dbt(tmp_path / "dbt.dcm", labelled_volume(5)))
+    flat = open_file(write_ffdm(tmp_path / "x.dcm", ramp((32, 24))))
+    assert (volume.n_frames, flat.n_frames) == (5, 1)
+    assert [volume.frame_index(f) for f in (None, 0, 4, -1)] == [2, 0, 4, 4]
+    assert [flat.frame_index(f) for f in (None, 0)] == [0, 0]
+    with pytest.raises(MammoInputError, match=r"^frame 5 does not exist: the image has frames 0\.\.4$"):
+        volume.frame_index(5)
+    with pytest.raises(MammoInputError, match="^--frame 1 does not exist: the image has only frame 0$"):
+        flat.frame_index(1, label="--frame")

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from dicom_factory import code_item, damage, labelled_volume, ramp, write_enhanced_dbt, write_ffdm
+from dicom_factory import damage, labelled_volume, ramp, write_enhanced_dbt, write_ffdm
 from training.errors import MammoInputError
 from training.dicom.io import open_file
+from training.phantom.dicom import code_item
 
 IMAGE = ramp((64, 48))
 

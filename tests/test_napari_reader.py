@@ -1,6 +1,5 @@
 """The napari reader through a headless viewer: mm scale, DICOM window, laziness, bad files."""
 
-from pathlib import Path
 
 import numpy as np
 import pytest

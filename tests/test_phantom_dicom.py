@@ -8,20 +8,22 @@ import json
 import random
 import shutil
 import subprocess
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pydicom
 import pytest
 from pydicom.encaps import generate_fragmented_frames
-from pydicom.uid import JPEG2000Lossless
+from pydicom.uid import JPEG2000Lossless, JPEGLosslessSV1
 
 from training.cli import main
 from training.dicom.display import to_display
 from training.dicom.io import open_image, open_path
 from training.phantom import simulate_dbt, simulate_ffdm
-from training.phantom.dicom import LABEL_COLUMNS, Identity, write_dbt, write_dbt_series, write_ffdm
-from training.phantom.dataset import generate, load_mask, read_labels
+from training.phantom.dataset import LABEL_COLUMNS, generate, load_mask, read_truth
+from training.phantom.dicom import (Identity, enhanced_dbt_dataset, save_dataset, write_dbt, write_dbt_series,
+                                    write_ffdm)
 
 SHAPE = (256, 208)
 DBT_SHAPE, DBT_SLICE_MM = (128, 104), 5.0  # a small volume keeps the test fast; the writer does not care
@@ -227,7 +229,7 @@ def dataset(tmp_path_factory):
 def test_labels_csv_has_the_documented_columns_and_relative_paths(dataset):
     header = (dataset / "labels.csv").read_text().splitlines()[0].split(",")
     assert tuple(header) == LABEL_COLUMNS
-    rows = read_labels(dataset / "labels.csv")
+    rows = read_truth(dataset / "labels.csv")
     assert sorted(r["laterality"] + r["view"] for r in rows) == ["LCC", "LMLO", "RCC", "RMLO"]
     assert len({r["patient_id"] for r in rows}) == 1
     # The lesion is in one breast only: both of its views say so, the other breast's say none.
@@ -242,7 +244,7 @@ def test_labels_csv_has_the_documented_columns_and_relative_paths(dataset):
 
 
 def test_masks_align_with_the_pixels(dataset):
-    for row in read_labels(dataset / "labels.csv"):
+    for row in read_truth(dataset / "labels.csv"):
         pixels = open_image(dataset / row["path"]).frame(0).astype(float)
         breast = load_mask(dataset / row["breast_mask"]).astype(bool)
         glandular = load_mask(dataset / row["glandular_mask"]).astype(bool)
@@ -293,6 +295,27 @@ def test_same_seed_gives_the_same_bytes_whatever_the_number_of_workers(tmp_path)
     assert [p.name for p in tmp_path.rglob(".*.tmp")] == []  # no temporary file left behind
 
 
+def test_unique_identities_never_share_uids_but_keep_one_series_across_instances():
+    plain = Identity("P", "1", 3, 1)
+    assert plain.series_uid == Identity("P", "1", 3, 2).series_uid  # deterministic: same fields, same UIDs
+    a, b = Identity.unique(patient_id="P"), Identity.unique(patient_id="P")
+    assert len({a.study_uid, b.study_uid, plain.study_uid}) == 3
+    assert len({a.series_uid, b.series_uid, plain.series_uid}) == 3
+    slice_2 = replace(a, instance_number=2)
+    assert slice_2.series_uid == a.series_uid and slice_2.instance_uid() != a.instance_uid()
+
+
+def test_the_writer_encodes_jpeg_lossless_through_gdcm(tmp_path):
+    pytest.importorskip("gdcm")
+    volume = np.random.default_rng(0).integers(0, 4096, (3, 32, 24), dtype=np.uint16)
+    ds = enhanced_dbt_dataset(volume, Identity.unique(), spacing=(1.0, 0.1, 0.1))
+    path = save_dataset(ds, tmp_path / "x.dcm", JPEGLosslessSV1)
+    image = open_image(path)
+    assert image.meta.transfer_syntax == JPEGLosslessSV1 and image.meta.spacing_mm == pytest.approx((1.0, 0.1, 0.1))
+    np.testing.assert_array_equal(np.stack([image.frame(i) for i in range(3)]), volume)
+    assert [p.name for p in tmp_path.iterdir()] == ["x.dcm"]  # transcoded before the rename
+
+
 def test_cli_phantom_writes_a_dataset_and_reports_one_json_object(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(["phantom", str(out), "--kind", "dbt", "--n", "1", "--seed", "2", "--shape", "96x78",
@@ -301,7 +324,7 @@ def test_cli_phantom_writes_a_dataset_and_reports_one_json_object(tmp_path, caps
     assert code == 0
     assert {"out", "n", "files", "labels_csv", "seconds"} <= report.keys()
     assert report["n"] == 1 and report["files"] == 1 and Path(report["labels_csv"]).is_file()
-    (row,) = read_labels(report["labels_csv"])
+    (row,) = read_truth(report["labels_csv"])
     assert (row["kind"], row["density"], row["lesion_type"]) == ("dbt", "C", "mass")
     (image,) = open_path(out / row["path"])
     assert (image.meta.kind, image.meta.view, image.meta.laterality) == ("dbt", row["view"], row["laterality"])

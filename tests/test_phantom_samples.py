@@ -11,7 +11,7 @@ import pytest
 
 from training.dicom.display import to_display
 from training.dicom.io import open_image, open_path
-from training.phantom.dataset import SAMPLE_PARTS, load_mask, read_labels, write_sample_set
+from training.phantom.dataset import SAMPLE_PARTS, load_mask, read_truth, write_sample_set
 
 SAMPLES = Path(__file__).resolve().parents[1] / "sample_data"
 PLUGIN = "napari-mammodino"
@@ -19,7 +19,7 @@ PLUGIN = "napari-mammodino"
 
 @pytest.fixture(scope="module")
 def rows() -> dict[str, dict]:
-    return {row["path"]: row for row in read_labels(SAMPLES / "labels.csv")}
+    return {row["path"]: row for row in read_truth(SAMPLES / "labels.csv")}
 
 
 def test_sample_set_is_complete_and_under_20_mb(rows):

@@ -22,7 +22,6 @@ from dicom_factory import write_ffdm
 from training.checkpoint import load_checkpoint, read_metadata, unprefixed
 from training.cli import main
 from training.ssl.presets import load_config
-from training.ssl.data import PretrainDataset, StepBatches, collate
 from training.ssl.pretrain import Guard, TrainingStopped, pretrain
 
 from helpers import MICRO, REPO, SAMPLES, student_weights

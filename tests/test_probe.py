@@ -20,8 +20,8 @@ from training.evaluate.encoder import load_encoder, random_encoder
 from training.errors import MammoInputError
 from training.evaluate.features import encoder_identity, extract_features, features_of, volume_slices
 from training.dicom.io import open_image
-from training.evaluate.probe import (bootstrap_intervals, classification_metrics, evaluate_probe,
-    grouped_folds, weighted_metrics)
+from training.evaluate.metrics import classification_metrics, grouped_folds
+from training.evaluate.probe import bootstrap_intervals, evaluate_probe, weighted_metrics
 
 REQUIRED = {"auroc", "balanced_accuracy", "macro_f1", "n", "classes", "folds", "target", "encoder", "counts"}
 

@@ -18,6 +18,7 @@ from dicom_factory import write_enhanced_dbt, write_ffdm
 from training.cli import main
 from training.errors import MammoInputError
 from training.dicom.io import open_file, open_image
+from training.phantom.film import CBIS_LABEL_BOXES, label_pixels
 from training.tissue import TissueResult, segment_tissue, segment_volume, tissue_of
 
 
@@ -49,32 +50,6 @@ def synthetic_breast(shape=(480, 384), *, side="left", seed=0, dense=False, touc
 
 # --- real film: CBIS-DDSM -------------------------------------------------------------------------
 
-# Burned-in labels of the 8 CBIS-DDSM views, drawn by hand around every text glyph visible on the
-# film (view names "RCC", "LMLO", ..., film numbers), as fractions (row0, col0, row1, col1) of the
-# image. Glyph pixels are those boxes' pixels brighter than half the image's 99.9th percentile:
-# the labels are burned in at the film's maximum density.
-LABEL_BOXES = {
-    ("sfm-benign-0", "rcc"): [(0.0, 0.0, 0.08, 0.08), (0.08, 0.0, 0.19, 0.2)],
-    ("sfm-benign-0", "lcc"): [(0.10, 0.68, 0.23, 0.95)],
-    ("sfm-benign-0", "rmlo"): [(0.0, 0.0, 0.04, 0.04), (0.03, 0.0, 0.15, 0.3)],
-    ("sfm-benign-0", "lmlo"): [(0.10, 0.72, 0.27, 1.0)],
-    ("sfm-malign-0", "rcc"): [(0.11, 0.0, 0.25, 0.15)],
-    ("sfm-malign-0", "lcc"): [(0.06, 0.83, 0.18, 1.0)],
-    ("sfm-malign-0", "rmlo"): [(0.07, 0.0, 0.23, 0.27)],
-    ("sfm-malign-0", "lmlo"): [(0.05, 0.88, 0.18, 1.0)],
-}
-
-
-def label_pixels(pixels: np.ndarray, boxes) -> np.ndarray:
-    rows, cols = pixels.shape
-    bright = pixels > 0.5 * np.percentile(pixels[::4, ::4], 99.9)
-    glyphs = np.zeros(pixels.shape, dtype=bool)
-    for r0, c0, r1, c1 in boxes:
-        box = np.s_[int(r0 * rows):int(np.ceil(r1 * rows)), int(c0 * cols):int(np.ceil(c1 * cols))]
-        glyphs[box] = bright[box]
-    return glyphs
-
-
 def test_no_burned_in_label_inside_the_mask_on_any_real_cbis_view(cbis_cases):
     seen = 0
     for case in cbis_cases:
@@ -82,7 +57,7 @@ def test_no_burned_in_label_inside_the_mask_on_any_real_cbis_view(cbis_cases):
             image = open_image(path)
             pixels = image.frame(0)
             result = tissue_of(image)
-            glyphs = label_pixels(pixels, LABEL_BOXES[(path.parent.name, view)])
+            glyphs = label_pixels(pixels, CBIS_LABEL_BOXES[(path.parent.name, view)])
             where = f"{path.parent.name}/{view}"
             assert glyphs.sum() > 2000, f"{where}: the label boxes miss the labels"
             assert not (result.mask & glyphs).any(), f"{where}: {(result.mask & glyphs).sum()} label pixels"

@@ -9,9 +9,9 @@ import pytest
 from scipy import ndimage as ndi
 
 from dicom_factory import write_enhanced_dbt, write_ffdm
-from napari_mammodino.widgets.sampler_qa import (SamplerQAWidget, box_rectangle, masked_patch_planes,
-    sample_steps)
-from napari_mammodino.widgets.tissue import TissueWidget, run_steps, source_of, tissue_steps
+from napari_mammodino.widgets.sampler_qa import (SamplerQAWidget, box_rectangle, masked_patch_planes)
+from napari_mammodino._sources import source_of
+from napari_mammodino.widgets.tissue import TissueWidget, run_steps, tissue_steps
 from training.dicom.io import open_file
 from training.sampler.sampler import sample_images
 
@@ -317,3 +317,29 @@ def test_both_widgets_dock_from_the_plugin_manifest(make_napari_viewer):
     assert np.logical_and(mask, truth).sum() / np.logical_or(mask, truth).sum() > 0.95
     assert widgets[0].summary.area_cm2 == pytest.approx(mask.sum() * 0.01 / 100)  # mm from the layer's scale
     assert widgets[1].compute().low_share("tissue-aware") == 0
+
+
+def test_a_computation_ends_in_its_result_a_one_line_refusal_or_cancelled():
+    from napari_mammodino._workers import Cancelled, Refused, guarded, settle
+    from training.errors import MammoInputError
+
+    class Stopped(Exception):
+        pass
+
+    def steps(end):
+        yield 1, 2
+        if isinstance(end, BaseException):
+            raise end
+        return end
+
+    assert run_steps(guarded(steps(7))) == 7
+    refused = run_steps(guarded(steps(MammoInputError("no tissue\nin this image"))))
+    assert refused == Refused("no tissue in this image")
+    assert isinstance(run_steps(guarded(steps(Stopped()), cancelled_by=(Stopped,))), Cancelled)
+    with pytest.raises(Stopped):  # a bug keeps its traceback
+        run_steps(guarded(steps(Stopped())))
+    said = []
+    assert settle(7, done=lambda x: x + 1) == 8
+    settle(refused, done=said.append, refused=lambda r: said.append(r.message))
+    settle(Cancelled(), done=said.append, cancelled=lambda: said.append("cancelled"))
+    assert said == ["no tissue in this image", "cancelled"]

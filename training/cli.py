@@ -70,13 +70,10 @@ def cmd_tissue(args: argparse.Namespace) -> dict[str, Any]:
 
     image = open_image(args.path)
     meta = image.meta
-    if args.frame is not None and not meta.is_volume and args.frame != 0:
-        raise MammoInputError(f"--frame {args.frame}: {args.path} is a 2D image (frame 0 only)")
+    if args.frame is not None:  # checked, negative counting from the end
+        args.frame = image.frame_index(args.frame, label="--frame")
     if meta.is_volume and args.frame is None and args.out:
         raise MammoInputError("--out writes one 2D mask: add --frame I to pick a slice of this DBT volume")
-    n = image.data.shape[0] if meta.is_volume else 1
-    if args.frame is not None and not 0 <= args.frame < n:
-        raise MammoInputError(f"--frame {args.frame}: the image has frames 0..{n - 1}")
     # The same entry point as the viewer and the sampler (chest-wall side from PatientOrientation).
     start = time.perf_counter()
     if meta.is_volume and args.frame is None:

@@ -34,16 +34,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from training.errors import MammoInputError
-from training.runs import JsonlReader, METRICS_FILE, tail_lines
+from training.runs import JsonlReader, RunFolder, tail_lines
 
 
 KINDS = ("pretrain", "finetune")
 
 
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
-
-
-JOB_FILE, LOG_FILE, EXIT_FILE, CANCEL_FILE = "job.json", "job.log", "job.exit", "job.cancel"
 
 
 OBSERVED_QUIET_S = 600  # a run started elsewhere counts as running while it wrote metrics this recently
@@ -207,13 +204,14 @@ class Job:
 
     def __init__(self, run_dir: str | Path, info: Mapping[str, Any]):
         self.run_dir = Path(run_dir)
+        self.folder = RunFolder(self.run_dir)
         self.info = dict(info)
         self.kind: str = self.info["kind"]
         self.pid: int = int(self.info["pid"])
         self.command: list[str] = list(self.info["command"])
         self.total: int | None = self.info.get("total")
         self.unit: str = self.info.get("unit", "step")
-        self._metrics = JsonlReader(self.run_dir / METRICS_FILE)
+        self._metrics = JsonlReader(self.folder.metrics)
         self._samples: deque[tuple[float, int]] = deque(maxlen=12)  # (time, done) for the recent rate
         self._exit: dict[str, Any] | None = None
 
@@ -226,8 +224,9 @@ class Job:
         started elsewhere (``mammodino pretrain`` in a shell, a cluster job) is watched from its
         metrics.jsonl and checkpoint alone (:attr:`observed`: it can be watched, not cancelled)."""
         run_dir = Path(run_dir).expanduser().resolve()  # as launch() wrote it into the wrapper's command
-        info = _read_json(run_dir / JOB_FILE)
-        if info is None and (run_dir / METRICS_FILE).is_file():
+        folder = RunFolder(run_dir)
+        info = _read_json(folder.job)
+        if info is None and folder.metrics.is_file():
             return cls(run_dir, _observed_info(run_dir))
         if info is None or not {"kind", "pid", "command"} <= set(info):
             raise MammoInputError(f"{run_dir} holds no job (job.json) and no metrics.jsonl: start one there, or "
@@ -244,7 +243,7 @@ class Job:
     def _alive(self) -> bool:
         if self.observed:  # no process to ask: a run that wrote a line lately and has not reached its end
             try:
-                recent = time.time() - (self.run_dir / METRICS_FILE).stat().st_mtime < OBSERVED_QUIET_S
+                recent = time.time() - self.folder.metrics.stat().st_mtime < OBSERVED_QUIET_S
             except OSError:
                 return False
             total = self.total
@@ -270,13 +269,13 @@ class Job:
 
     def _exit_info(self) -> dict[str, Any] | None:
         if self._exit is None:
-            self._exit = _read_json(self.run_dir / EXIT_FILE)
+            self._exit = _read_json(self.folder.job_exit)
         return self._exit
 
     @property
     def cancel_requested(self) -> bool:
         exit_info = self._exit_info() or {}
-        return bool(exit_info.get("cancelled")) or (self.run_dir / CANCEL_FILE).exists()
+        return bool(exit_info.get("cancelled")) or self.folder.job_cancel.exists()
 
     @property
     def returncode(self) -> int | None:
@@ -384,12 +383,11 @@ class Job:
 
     def log_tail(self, n: int = 20) -> list[str]:
         """The last ``n`` lines the trainer wrote (stdout and stderr)."""
-        return tail_lines(self.run_dir / LOG_FILE, n)
+        return tail_lines(self.folder.job_log, n)
 
     def latest_checkpoint(self) -> Path | None:
         """``checkpoints/last.safetensors`` if saved, else the newest checkpoint there, else None."""
-        folder = self.run_dir / "checkpoints"
-        last = folder / "last.safetensors"
+        last, folder = self.folder.last_checkpoint, self.folder.checkpoints
         if last.is_file():
             return last
         saved = sorted(folder.glob("*.safetensors"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
@@ -406,7 +404,7 @@ class Job:
         if self.observed:
             raise MammoInputError(f"{self.run_dir} was started outside napari: stop it where it runs (SIGTERM "
                                   f"saves a checkpoint)")
-        (self.run_dir / CANCEL_FILE).write_text(json.dumps({"time": time.time(), "force": force}), encoding="utf-8")
+        self.folder.job_cancel.write_text(json.dumps({"time": time.time(), "force": force}), encoding="utf-8")
         try:
             if force:
                 os.killpg(self.pid, signal.SIGKILL)  # the wrapper leads its own group (new session)
@@ -422,7 +420,7 @@ def _observed_info(run_dir: Path) -> dict[str, Any]:
     from its newest checkpoint's metadata (a run not yet at its first checkpoint: none known)."""
     from training.checkpoint import read_metadata
 
-    last = run_dir / "checkpoints" / "last.safetensors"
+    last = RunFolder(run_dir).last_checkpoint
     meta: dict[str, Any] = {}
     if last.is_file():
         try:
@@ -449,7 +447,8 @@ def launch(kind: str, args: Mapping[str, Any] | Sequence[str], run_dir: str | Pa
     argv = to_argv(args)
     options = _check_options(kind, argv)
     run_dir = Path(run_dir).expanduser().resolve()
-    if (run_dir / JOB_FILE).is_file():
+    folder = RunFolder(run_dir)
+    if folder.job.is_file():
         try:
             previous = Job.attach(run_dir)
         except MammoInputError:
@@ -457,18 +456,18 @@ def launch(kind: str, args: Mapping[str, Any] | Sequence[str], run_dir: str | Pa
         if previous is not None and previous.running():
             raise MammoInputError(f"{run_dir} already has a running job (pid {previous.pid}): cancel it or "
                                   f"choose another output folder")
-    if kind == "pretrain" and (run_dir / "checkpoints" / "last.safetensors").exists() and "--resume" not in argv:
+    if kind == "pretrain" and folder.last_checkpoint.exists() and "--resume" not in argv:
         raise MammoInputError(f"{run_dir} already holds a run: tick resume to continue it or choose a new folder")
     run_dir.mkdir(parents=True, exist_ok=True)
-    for stale in (EXIT_FILE, CANCEL_FILE):
-        (run_dir / stale).unlink(missing_ok=True)
+    for stale in (folder.job_exit, folder.job_cancel):
+        stale.unlink(missing_ok=True)
     command = command_line(kind, argv, run_dir, options)
     wrapper = [sys.executable, "-m", "training.jobs", "_wrap", str(run_dir), "--", *command]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     package_root = str(Path(__file__).resolve().parents[1])  # the child finds this `training`
     env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
     started = time.time()
-    with open(run_dir / LOG_FILE, "ab") as log:
+    with open(folder.job_log, "ab") as log:
         log.write(f"# {time.strftime('%Y-%m-%d %H:%M:%S')} mammodino {kind} {' '.join(argv)}\n".encode())
         log.flush()
         process = subprocess.Popen(wrapper, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -476,7 +475,7 @@ def launch(kind: str, args: Mapping[str, Any] | Sequence[str], run_dir: str | Pa
     _CHILDREN[(process.pid, str(run_dir))] = process
     info = {"kind": kind, "pid": process.pid, "command": command, "args": argv, "started": started,
             "started_iso": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(started)), **plan(kind, argv)}
-    _write_json(run_dir / JOB_FILE, info)
+    _write_json(folder.job, info)
     return Job(run_dir, info)
 
 
@@ -497,9 +496,10 @@ def _wrap(run_dir: Path, command: list[str]) -> int:
         if asked:  # SIGTERM came while the trainer was starting
             child.send_signal(signal.SIGTERM)
         code = child.wait()
-    last = next((line for line in reversed(tail_lines(run_dir / LOG_FILE, 5)) if line.strip()), "")
-    _write_json(run_dir / EXIT_FILE, {"returncode": code, "cancelled": bool(asked), "ended": time.time(),
-                                      "last_line": last})
+    folder = RunFolder(run_dir)
+    last = next((line for line in reversed(tail_lines(folder.job_log, 5)) if line.strip()), "")
+    _write_json(folder.job_exit, {"returncode": code, "cancelled": bool(asked), "ended": time.time(),
+                                  "last_line": last})
     return code if code >= 0 else 128 - code
 
 

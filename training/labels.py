@@ -41,20 +41,21 @@ class LabelledSet:
         return len(self.paths)
 
 
-def read_rows(csv_path: str | Path) -> list[dict[str, str]]:
-    """The rows of a labels CSV (one clear error when it is missing, empty or has no ``path`` column)."""
+def read_rows(csv_path: str | Path, option: str = "--labels") -> list[dict[str, str]]:
+    """The rows of a labels CSV (one clear error, naming the command's ``option``, when it is missing,
+    empty or has no ``path`` column)."""
     csv_path = Path(csv_path)
     if not csv_path.is_file():
-        raise MammoInputError(f"--labels {csv_path}: no such file")
+        raise MammoInputError(f"{option} {csv_path}: no such file")
     try:
         with open(csv_path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.DictReader(f))
     except (UnicodeDecodeError, csv.Error) as exc:
-        raise MammoInputError(f"--labels {csv_path.name}: not a readable CSV ({exc})") from None
+        raise MammoInputError(f"{option} {csv_path.name}: not a readable CSV ({exc})") from None
     if not rows:
-        raise MammoInputError(f"--labels {csv_path.name}: no rows")
+        raise MammoInputError(f"{option} {csv_path.name}: no rows")
     if "path" not in rows[0]:
-        raise MammoInputError(f"--labels {csv_path.name}: needs a 'path' column (files relative to the CSV); "
+        raise MammoInputError(f"{option} {csv_path.name}: needs a 'path' column (files relative to the CSV); "
                               f"it has {sorted(rows[0])}")
     return rows
 
@@ -108,10 +109,7 @@ def data_paths(source: str | Path) -> list[Path]:
         raise MammoInputError(f"--data {source}: no such folder or CSV file")
     if source.suffix.lower() != ".csv":
         raise MammoInputError(f"--data {source}: expected a folder of DICOM files or a labels CSV")
-    with open(source, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    if not rows or "path" not in rows[0]:
-        raise MammoInputError(f"{source.name}: a labels CSV needs a 'path' column (relative to the CSV)")
+    rows = read_rows(source, option="--data")
     paths = list(dict.fromkeys(source.parent / row["path"] for row in rows if row["path"]))
     missing = [str(p) for p in paths if not p.exists()]
     if missing:

@@ -10,25 +10,87 @@ from typing import Any, Mapping, Sequence
 from training.errors import MammoInputError
 
 
+# The file names of a run folder RUN. Written by the trainers (pretraining, fine-tuning) and the job
+# wrapper around them, read by the jobs widget, load_encoder and the release scripts.
+METRICS_FILE = "metrics.jsonl"              # one JSON object per logged step, epoch or evaluation
+CHECKPOINTS_DIR = "checkpoints"
+LAST_CHECKPOINT = "last.safetensors"        # in CHECKPOINTS_DIR: the newest checkpoint, always a whole file
+JOB_FILE, LOG_FILE, EXIT_FILE, CANCEL_FILE = "job.json", "job.log", "job.exit", "job.cancel"  # training.jobs
+
+
 class RunFolder:
-    """``RUN/metrics.jsonl`` and ``RUN/checkpoints/last.safetensors`` of one fine-tuning run."""
+    """The files of one run folder: ``metrics.jsonl``, ``checkpoints/`` (pretraining's
+    ``step_<7-digit step>.safetensors``, and ``last.safetensors`` of every run) and the job wrapper's
+    ``job.json``, ``job.log``, ``job.exit`` and ``job.cancel`` (:mod:`training.jobs`)."""
 
-    def __init__(self, out: str | Path):
-        self.out = Path(out)
-        self.metrics = self.out / "metrics.jsonl"
-        self.checkpoint = self.out / "checkpoints" / "last.safetensors"
-        if self.metrics.exists() or self.checkpoint.exists():
-            raise MammoInputError(f"--out {self.out} already holds a run; choose a new folder")
-        if self.out.exists() and not self.out.is_dir():
-            raise MammoInputError(f"--out {self.out} is a file, not a folder")
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
 
-    def log(self, metrics: dict[str, Any]) -> None:
-        self.out.mkdir(parents=True, exist_ok=True)
+    @classmethod
+    def fresh(cls, path: str | Path) -> "RunFolder":
+        """The folder of a new fine-tuning run: refused when it already holds a run or is a file."""
+        folder = cls(path)
+        if folder.holds_run:
+            raise MammoInputError(f"--out {folder.path} already holds a run; choose a new folder")
+        if folder.path.exists() and not folder.path.is_dir():
+            raise MammoInputError(f"--out {folder.path} is a file, not a folder")
+        return folder
+
+    def __repr__(self) -> str:
+        return f"RunFolder({str(self.path)!r})"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / CHECKPOINTS_DIR
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoints / LAST_CHECKPOINT
+
+    def step_checkpoint(self, step: int) -> Path:
+        """Pretraining's checkpoint of ``step``; the zero padding sorts them by step."""
+        return self.checkpoints / f"step_{step:07d}.safetensors"
+
+    def step_checkpoints(self) -> list[Path]:
+        """The step checkpoints saved, oldest first."""
+        return sorted(self.checkpoints.glob("step_*.safetensors"))
+
+    def link_last(self, checkpoint: Path) -> None:
+        """Make ``last.safetensors`` a hard link to ``checkpoint`` atomically: it always names a whole file."""
+        link = self.checkpoints / ".last.tmp"
+        link.unlink(missing_ok=True)
+        os.link(checkpoint, link)
+        os.replace(link, self.last_checkpoint)
+
+    @property
+    def holds_run(self) -> bool:
+        return self.metrics.exists() or self.last_checkpoint.exists()
+
+    @property
+    def job(self) -> Path:
+        return self.path / JOB_FILE
+
+    @property
+    def job_log(self) -> Path:
+        return self.path / LOG_FILE
+
+    @property
+    def job_exit(self) -> Path:
+        return self.path / EXIT_FILE
+
+    @property
+    def job_cancel(self) -> Path:
+        return self.path / CANCEL_FILE
+
+    def append_metrics(self, row: Mapping[str, Any]) -> None:
+        """One line of ``metrics.jsonl``, creating the folder."""
+        self.path.mkdir(parents=True, exist_ok=True)
         with open(self.metrics, "a", encoding="utf-8") as f:
-            f.write(json.dumps(metrics) + "\n")
-
-
-METRICS_FILE = "metrics.jsonl"
+            f.write(json.dumps(row) + "\n")
 
 
 # Loss terms in the order a plot should list them (pretrain logs "total", finetune "loss"/"val_loss").

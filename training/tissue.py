@@ -174,11 +174,8 @@ def tissue_of(image: "MammoImage", index: int | None = None, *, shared: bool = F
     if meta.is_volume and index is None:
         return segment_volume(image.data, spacing_mm=spacing, photometric=meta.photometric,
                               view=meta.view, shared=shared, chest_wall=side)
-    n = image.data.shape[0] if meta.is_volume else 1
-    index = 0 if index is None else index
-    if not -n <= index < n:
-        raise MammoInputError(f"frame {index} does not exist: the image has {n} frame(s)")
-    values = image.frame(index % n) if pixels is None else pixels
+    index = image.frame_index(index)
+    values = image.frame(index) if pixels is None else pixels
     return segment_tissue(values, spacing_mm=spacing, photometric=meta.photometric, view=meta.view,
                           chest_wall=side)
 

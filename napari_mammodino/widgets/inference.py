@@ -43,7 +43,8 @@ from training.evaluate.infer import (N_STEPS, InferenceCancelled, InferenceResul
     SliceResults, Steps, display_limits, inference_steps, patch_placement, run_steps)
 from training.evaluate.export import export
 
-from napari_mammodino.widgets.tissue import ImageSource, source_of
+from napari_mammodino._sources import ImageSource, source_of
+from napari_mammodino._workers import Refused, guarded, settle, start
 
 if TYPE_CHECKING:
     import napari
@@ -78,40 +79,28 @@ class Done:
     result: InferenceResult
 
 
-@dataclass
-class Refused:
-    """A user mistake or a checkpoint that does not load: said in one line."""
-
-    message: str
-
-
-class Cancelled:
-    """Cancel was pressed: nothing is drawn."""
-
-
 def inference_job(request: Request, load: Callable[[str | None], Encoder], stop: threading.Event) -> Steps:
-    """Load the encoder, then infer: yields (done, total), returns Done, Refused or Cancelled (never
-    raises for a user mistake: a worker's exception would reach the user as a traceback)."""
+    """Load the encoder, then infer: yields (done, total), returns Done, or a Refused or Cancelled of
+    :mod:`napari_mammodino._workers` (never raises for a user mistake: a worker's exception would reach
+    the user as a traceback). ``stop`` set: the inference stops within one transformer block."""
+    return guarded(_load_and_infer(request, load, stop), cancelled_by=(InferenceCancelled,))
+
+
+def _load_and_infer(request: Request, load: Callable[[str | None], Encoder], stop: threading.Event) -> Steps:
     total = 1 + N_STEPS
+    yield 0, total
     try:
-        yield 0, total
-        try:
-            encoder = load(request.spec)
-        except MammoInputError:
-            raise
-        except Exception as exc:  # a damaged file can fail anywhere in the loader: still one line
-            reason = " ".join(str(exc).split())  # one line, whatever the library said
-            raise MammoInputError(f"cannot load the checkpoint {request.spec or 'demo'}: "
-                                  f"{type(exc).__name__}: {reason}") from None
-        yield 1, total
-        steps = inference_steps(encoder, request.image, request.frame, request.resolution, request.attention,
-                                should_stop=stop.is_set)
-        result = yield from shifted(steps, 1, total)
-        return Done(encoder, result)
-    except MammoInputError as exc:
-        return Refused(str(exc))
-    except InferenceCancelled:
-        return Cancelled()
+        encoder = load(request.spec)
+    except MammoInputError:
+        raise
+    except Exception as exc:  # a damaged file can fail anywhere in the loader: still one line
+        raise MammoInputError(f"cannot load the checkpoint {request.spec or 'demo'}: "
+                              f"{type(exc).__name__}: {exc}") from None
+    yield 1, total
+    steps = inference_steps(encoder, request.image, request.frame, request.resolution, request.attention,
+                            should_stop=stop.is_set)
+    result = yield from shifted(steps, 1, total)
+    return Done(encoder, result)
 
 
 def shifted(steps: Steps, offset: int, total: int) -> Steps:
@@ -274,19 +263,16 @@ class InferenceWidget(QWidget):
         return self.checkpoint.text().strip() or None
 
     def start(self) -> Any:
-        """Run in a napari thread worker; the layers appear when it is done. Returns the worker."""
-        from napari.qt.threading import create_worker
-
+        """Run in a napari thread worker; the layers appear when it is done. Returns the task."""
         try:
             request = self._make_request()
         except MammoInputError as exc:
             return self._refuse(str(exc))
         self._stop = threading.Event()
         self._busy(True)
-        self.worker = create_worker(inference_job, request, self._load, self._stop,
-                                    _connect={"yielded": self._step, "returned": lambda out: self._finish(request, out),
-                                              "aborted": lambda: self._finish(request, Cancelled()),
-                                              "errored": lambda exc: self._busy(False)})
+        self.worker = start(inference_job(request, self._load, self._stop), progress=self._step,
+                            ended=lambda: self._busy(False), done=lambda done: self._draw_done(request, done),
+                            refused=self._refused, cancelled=self._cancelled, stop=self._stop)
         return self.worker
 
     def compute(self) -> list[Image] | None:
@@ -296,14 +282,15 @@ class InferenceWidget(QWidget):
         except MammoInputError as exc:
             return self._refuse(str(exc))
         self._stop = threading.Event()
-        outcome = run_steps(inference_job(request, self._load, self._stop), lambda d, t: self._step((d, t)))
-        return self._finish(request, outcome)
+        outcome = run_steps(inference_job(request, self._load, self._stop), self._step)
+        self._busy(False)
+        return settle(outcome, lambda done: self._draw_done(request, done), self._refused, self._cancelled)
 
     def cancel(self) -> None:
         """Stop the running inference (within one transformer block)."""
         self._stop.set()
         if self.worker is not None:
-            self.worker.quit()
+            self.worker.cancel()
 
     def export_to(self, folder: str | Path) -> dict[str, str]:
         """Write the shown result (PNG overlays, NPY maps, JSON predictions) into ``folder``."""
@@ -327,16 +314,13 @@ class InferenceWidget(QWidget):
         if layer is None or layer not in self.viewer.layers:
             raise MammoInputError("Inference: open an image first (no image layer is selected)")
         source = source_of(layer)
-        if source.image is not None:
-            image = source.image
-        else:  # another plugin's layer: its values as shown
-            image = source.data if source.is_volume else np.asarray(source.data)
         frame = source.slice_index(self.viewer) if source.is_volume else None
-        return Request(self.spec(), source, image, frame, self.resolution.value() or None, self.mode.currentText())
+        return Request(self.spec(), source, source.image_or_data(), frame, self.resolution.value() or None,
+                       self.mode.currentText())
 
-    def _step(self, value: tuple[int, int]) -> None:
-        self.progress.setMaximum(value[1])
-        self.progress.setValue(value[0])
+    def _step(self, done: int, total: int) -> None:
+        self.progress.setMaximum(total)
+        self.progress.setValue(done)
 
     def _busy(self, busy: bool) -> None:
         self.run_button.setEnabled(not busy)
@@ -346,23 +330,22 @@ class InferenceWidget(QWidget):
             self.results.setText("running…")
 
     def _refuse(self, message: str) -> None:
-        from napari.utils.notifications import show_error
-
         self._busy(False)
         self.message.setText(message)
         self.results.setText("")
-        show_error(message)
+        Refused(message).show()
         return None
 
-    def _finish(self, request: Request, outcome: Any) -> list[Image] | None:
-        self._busy(False)
-        if isinstance(outcome, Refused):
-            return self._refuse(outcome.message)
-        if isinstance(outcome, Cancelled):
-            self.results.setText("cancelled")
-            self.progress.setValue(0)
-            return None
-        return self.draw(request, outcome.encoder, outcome.result)
+    def _refused(self, refused: Refused) -> None:
+        return self._refuse(refused.message)
+
+    def _cancelled(self) -> None:
+        self.results.setText("cancelled")
+        self.progress.setValue(0)
+        return None
+
+    def _draw_done(self, request: Request, done: Done) -> list[Image]:
+        return self.draw(request, done.encoder, done.result)
 
     # --- drawing --------------------------------------------------------------------------------------
     def draw(self, request: Request, encoder: Encoder, result: InferenceResult) -> list[Image]:
@@ -426,8 +409,6 @@ class InferenceWidget(QWidget):
     def _compute_slice(self, slices: SliceResults, index: int) -> None:
         """A lazy layer met slice ``index`` uncomputed: compute it in a worker, unless the user has
         scrolled on by the time the worker starts (only the slice on screen is worth the encoder)."""
-        from napari.qt.threading import create_worker
-
         if slices is not self.slices:  # layers of an older run
             return
         self._wanted = index
@@ -436,11 +417,11 @@ class InferenceWidget(QWidget):
         self._pending.add(index)
         self.results.setText(f"slice {index}: computing…")
 
-        def work() -> InferenceResult | None:
+        def work() -> Steps:
+            yield 0, 1  # started: is this slice still the one on screen?
             return slices.get(index) if self._wanted == index and slices is self.slices else None
 
         def ready(result: InferenceResult | None) -> None:
-            self._pending.discard(index)
             if result is None or slices is not self.slices:
                 return
             for layer in self.layers:
@@ -448,11 +429,8 @@ class InferenceWidget(QWidget):
                     layer.refresh()
             self._slice_changed()
 
-        def failed(exc: Exception) -> None:
-            self._pending.discard(index)
-            self._refuse(f"slice {index}: {exc}")
-
-        create_worker(work, _connect={"returned": ready, "errored": failed})
+        start(work(), done=ready, ended=lambda: self._pending.discard(index),
+              refused=lambda refused: self._refuse(f"slice {index}: {refused.message}"))
 
     def _slice_changed(self, event: Any = None) -> None:
         """Scrolling a volume with inference layers: the text follows the slice on screen."""

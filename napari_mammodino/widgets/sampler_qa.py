@@ -1,7 +1,8 @@
 """The "Sampler QA" widget: where MammoDINO's multi-crop sampler takes its crops and iBOT masks.
 
-Draws K samples (seeds seed .. seed+K-1, as ``mammodino sample --seed S --n K``) from the selected
-image with both samplers, tissue-aware and naive (plain DINOv2), and shows the chosen one:
+Draws K samples (seeds seed .. seed+K-1) from the selected image with both samplers, tissue-aware and
+naive (plain DINOv2), through the library's sampling path (:func:`training.sampler.sampler.sample_frames`,
+which ``mammodino sample --seed S --n K`` runs too: same seeds, same records), and shows the chosen one:
 
 * crops as Shapes rectangles, coloured by kind (global cyan, local amber, fallback red), labelled
   with sample number, kind and tissue fraction (and the slice pair on a DBT volume);
@@ -23,15 +24,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterable
 
 import numpy as np
-from magicgui.widgets import CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, \
-    RadioButtons, SpinBox
-from napari.layers import Image, Labels, Shapes
+from magicgui.widgets import CheckBox, Container, FloatSpinBox, Label, ProgressBar, PushButton, RadioButtons, \
+    SpinBox
+from napari.layers import Labels, Shapes
 
 from training.errors import MammoInputError
-from training.sampler.sampler import MultiCropSampler, Sample, SamplerConfig
+from training.progress import Steps, run_steps
+from training.sampler.sampler import Sample, SamplerConfig, sample_frames
 
-from napari_mammodino.widgets.tissue import (ImageSource, LazyPlanes, Steps, image_layer_choices,
-    report_error, run_steps, source_of, start_worker)
+from napari_mammodino._sources import ImagePicker, ImageSource
+from napari_mammodino._workers import Refused, start
+from napari_mammodino.widgets.tissue import LazyPlanes
 
 if TYPE_CHECKING:
     import napari
@@ -64,29 +67,18 @@ def sample_steps(source: ImageSource, seeds: Iterable[int], config: SamplerConfi
                  anchor: int | None = None) -> Steps:
     """Draw one sample per seed with each sampler; yields progress, returns a :class:`QAResult`.
 
-    Reads what :func:`training.sampler.sampler.sample_images` reads (values with MONOCHROME1 inverted, the
-    slice's tissue mask), decoding and segmenting each slice once for both samplers."""
+    Samples as :func:`training.sampler.sampler.sample_images` (the CLI's path) does, from the source's
+    frames and tissue masks (:meth:`ImageSource.frame_and_tissue`): each slice is decoded and segmented
+    once for both samplers, and the tissue masks are those the Tissue mask widget shows."""
     seeds = [int(s) for s in seeds]
     config = config or SamplerConfig()
-    inverted = source.photometric == "MONOCHROME1"
-
-    @functools.lru_cache(maxsize=4)
-    def read(index: int) -> tuple[np.ndarray, np.ndarray]:
-        values = source.frame(index)
-        return (np.negative(values, dtype=np.float32) if inverted else values), source.tissue(index).mask()
-
-    samples: dict[str, list[Sample]] = {}
+    read = functools.lru_cache(maxsize=4)(source.frame_and_tissue)
+    samples: dict[str, list[Sample]] = {name: [] for name in SAMPLERS}
     done, total = 0, len(SAMPLERS) * len(seeds)
     for name in SAMPLERS:
-        sampler = MultiCropSampler(config, tissue_aware=name == "tissue-aware")
-        samples[name] = []
-        for seed in seeds:
-            if source.is_volume:
-                i, j = sampler.choose_pair(source.n_slices, seed, anchor)
-                (vi, ti), (vj, tj) = read(i), read(j)
-                samples[name].append(sampler.sample_slices((vi, vj), (ti, tj), (i, j), seed))
-            else:
-                samples[name].append(sampler.sample(*read(0), seed))
+        for seed in seeds:  # one seed at a time: a step of progress each
+            samples[name] += sample_frames(read, source.shape, [seed], naive=name == "naive", config=config,
+                                           frame=anchor)
             done += 1
             yield done, total
     return QAResult(source, seeds, config, samples)
@@ -166,7 +158,7 @@ class SamplerQAWidget(Container):
     def __init__(self, napari_viewer: "napari.Viewer"):
         self.viewer = napari_viewer
         defaults = SamplerConfig()
-        self.image = ComboBox(label="image", choices=image_layer_choices(napari_viewer), nullable=True)
+        self.image = ImagePicker(napari_viewer)
         self.n_samples = SpinBox(label="samples (K)", value=2, min=1, max=64)
         self.seed = SpinBox(label="seed", value=0, min=0, max=2 ** 31 - 1)
         self.min_tissue = FloatSpinBox(label="min tissue", value=defaults.min_tissue, min=0.0, max=1.0, step=0.05,
@@ -184,43 +176,31 @@ class SamplerQAWidget(Container):
         self.figure, self.canvas, self._dock = None, None, None
         self.run.changed.connect(self.start)
         self.sampler.changed.connect(self._switch)
-        for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
-            event.connect(self.image.reset_choices)
-        napari_viewer.layers.selection.events.active.connect(self._follow_selection)
-        self.reset_choices()
-        self._follow_selection()
-
-    def _follow_selection(self, event: Any = None) -> None:
-        active = self.viewer.layers.selection.active
-        if isinstance(active, Image):
-            self.image.reset_choices()
-            self.image.value = active
 
     def _request(self) -> tuple:
         """Arguments of :func:`sample_steps` from the controls (MammoInputError: nothing to sample)."""
-        layer = self.image.value
-        if layer is None:
-            raise MammoInputError("Sampler QA: open an image first (no image layer is selected)")
-        source = source_of(layer)
+        source = self.image.source("Sampler QA")
         seeds = range(self.seed.value, self.seed.value + self.n_samples.value)
         config = SamplerConfig(min_tissue=float(self.min_tissue.value))
         anchor = source.slice_index(self.viewer) if source.is_volume and self.anchor.value else None
         return source, seeds, config, anchor
 
     def start(self) -> Any:
-        """Sample in a thread worker; layers and histogram appear when it is done. Returns the worker."""
+        """Sample in a thread worker; layers and histogram appear when it is done. Returns the task."""
         try:
             request = self._request()
         except MammoInputError as exc:
-            return report_error(exc)
+            return Refused.of(exc).show()
         self.run.enabled = False
         self.info.value = "sampling…"
 
-        def failed() -> None:
+        def ended() -> None:
             self.run.enabled, self.info.value = True, ""
 
-        self.worker = start_worker(sample_steps, request, progress=self.progress, done=self.draw,
-                                   failed=failed, desc="sampler QA")
+        def step(done: int, total: int) -> None:
+            self.progress.max, self.progress.value = total, done
+
+        self.worker = start(sample_steps(*request), progress=step, ended=ended, done=self.draw, desc="sampler QA")
         return self.worker
 
     def compute(self) -> QAResult:

@@ -16,7 +16,7 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from training.errors import MammoInputError
-from training.dicom.metadata import (ImageMeta)
+from training.dicom.metadata import ImageMeta
 
 
 MAX_SIDE = 16384  # no mammography detector comes near; a larger Rows/Columns is a lying header
@@ -93,9 +93,30 @@ class MammoImage:
     header: Dataset = field(repr=False)
     frames: list[FrameRef] = field(repr=False, default_factory=list)
 
+    @property
+    def n_frames(self) -> int:
+        """Frames of the image: a DBT volume's slices, or 1 for a 2D image."""
+        return int(self.data.shape[0]) if self.data.ndim == 3 else 1
+
+    def frame_index(self, frame: int | None = None, label: str = "frame") -> int:
+        """``frame`` checked against this image's frames (see :func:`frame_index`)."""
+        return frame_index(frame, self.n_frames, label)
+
     def frame(self, index: int = 0) -> np.ndarray:
         """Modality values of one frame, decoded now."""
         return decode_frame(self.frames[index], _value_dtype(self.frames))
+
+
+def frame_index(frame: int | None, n_frames: int, label: str = "frame") -> int:
+    """The index of ``frame`` among ``n_frames`` (negative counts from the end; None: the middle slice,
+    0 for a 2D image); a frame that does not exist is one line naming it as the caller's user knows
+    it (``label``: "frame", "--frame")."""
+    if frame is None:
+        return n_frames // 2
+    if not -n_frames <= frame < n_frames:
+        frames = "only frame 0" if n_frames == 1 else f"frames 0..{n_frames - 1}"
+        raise MammoInputError(f"{label} {frame} does not exist: the image has {frames}")
+    return int(frame) % n_frames
 
 
 def decode_frame(ref: FrameRef, dtype: np.dtype) -> np.ndarray:

@@ -8,7 +8,8 @@ features and the viewer's attention map can never disagree about windowing, crop
   :func:`save_encoder` (backbone plus named task heads, e.g. the demo or a fine-tuned model); or a
   DINOv2 / RAD-DINO ``.safetensors`` weights file in timm or Hugging Face layout, whose shape is read
   from its tensors. Nothing is downloaded and nothing is unpickled.
-* Pre-processing (:meth:`Encoder.prepare`): MONOCHROME2 values (tissue bright); the breast-tissue
+* Pre-processing (:func:`prepare_image`: one path from an image's frame to the encoder's input, for
+  inference, probes, fine-tuning and retrieval alike): MONOCHROME2 values (tissue bright); the breast-tissue
   bounding box (the sampler's ``region="tissue"``); intensities mapped to [0, 1] by the tissue
   percentiles the model was trained with (``intensity_percentiles``); an antialiased resize so that
   the long side is ``resolution`` pixels and both sides are whole patches (518 = 37 x 14 is DINOv2's
@@ -143,6 +144,33 @@ def prepare(values: np.ndarray, tissue: np.ndarray, resolution: int, patch: int,
     return Prepared(pixels, box, grid, patch_px, fraction, tuple(values.shape), frame)
 
 
+def prepare_image(image: Any, frame: int | None, resolution: int, patch: int,
+                  percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> Prepared:
+    """One frame of an image -> :class:`Prepared`: the one path every encoder input takes.
+
+    ``image``: a :class:`~training.dicom.image.MammoImage`, its frame decoded once, MONOCHROME1
+    inverted, and its tissue from :func:`training.tissue.tissue_of` (its header's photometric, spacing
+    and PatientOrientation); or a 2D image / 3D volume array of MONOCHROME2 values, taken as shown
+    (tissue bright). ``frame``: the DBT slice (checked; default the middle one); a 2D image's
+    ``Prepared.frame`` is None. Then :func:`prepare` crops and resizes."""
+    from training.dicom.image import MammoImage, frame_index
+    from training.tissue import frame_and_tissue, segment_tissue
+
+    if isinstance(image, MammoImage):
+        volume = image.data.ndim == 3
+        index = image.frame_index(frame)
+        values, tissue = frame_and_tissue(image, index)
+    else:
+        shape = tuple(getattr(image, "shape", ()))
+        if len(shape) not in (2, 3):
+            raise MammoInputError(f"expected a mammogram, a 2D image or a 3D volume, got shape {shape}")
+        volume = len(shape) == 3
+        index = frame_index(frame, shape[0] if volume else 1)
+        values = np.asarray(image[index] if volume else image)
+        tissue = segment_tissue(values).mask
+    return prepare(values, tissue, resolution, patch, percentiles, index if volume else None)
+
+
 # --- the encoder -----------------------------------------------------------------------------------
 
 @dataclass
@@ -211,9 +239,8 @@ class Encoder:
         return prepare(values, tissue, resolution or self.resolution, self.patch_size, self.percentiles, frame)
 
     def prepare_image(self, image: Any, frame: int | None = None, resolution: int | None = None) -> Prepared:
-        """A :class:`training.dicom.image.MammoImage` (``frame``: the DBT slice; default the middle one)."""
-        values, tissue, frame = read_frame(image, frame)
-        return self.prepare(values, tissue, resolution, frame)
+        """:func:`prepare_image` with this encoder's patch size and intensity percentiles."""
+        return prepare_image(image, frame, resolution or self.resolution, self.patch_size, self.percentiles)
 
     # forward passes
     @torch.no_grad()
@@ -311,29 +338,6 @@ def attention_rollout(maps: Sequence[Tensor]) -> Tensor:
     return result
 
 
-# --- frames from MammoImages -----------------------------------------------------------------------
-
-def slice_index(n_slices: int, frame: int | None) -> int:
-    """``frame`` of a volume of ``n_slices`` (negative counts from the end; None: the middle one)."""
-    frame = n_slices // 2 if frame is None else frame
-    if not -n_slices <= frame < n_slices:
-        raise MammoInputError(f"slice {frame} does not exist: the volume has {n_slices} slices")
-    return frame % n_slices
-
-
-def read_frame(image: Any, frame: int | None = None) -> tuple[np.ndarray, np.ndarray, int | None]:
-    """Decoded MONOCHROME2 values, tissue mask and frame index of a MammoImage (FFDM: frame None; DBT:
-    ``frame`` or the middle slice), decoding the frame once."""
-    from training.tissue import frame_and_tissue
-
-    if image.data.ndim == 3:
-        frame = slice_index(image.data.shape[0], frame)
-        return (*frame_and_tissue(image, frame), frame)
-    if frame not in (None, 0):
-        raise MammoInputError(f"frame {frame}: a 2D image has only frame 0")
-    return (*frame_and_tissue(image, 0), None)
-
-
 # --- loading and saving ----------------------------------------------------------------------------
 
 def load_encoder(spec: str | Path | None = None, device: str | torch.device = "cpu") -> Encoder:
@@ -351,7 +355,9 @@ def load_encoder(spec: str | Path | None = None, device: str | torch.device = "c
         raise MammoInputError(f"--checkpoint {path}: no such file (a .safetensors checkpoint, 'random:ARCH' "
                               f"or nothing for the demo encoder)")
     if path.is_dir():
-        last = path / "checkpoints" / "last.safetensors"
+        from training.runs import RunFolder
+
+        last = RunFolder(path).last_checkpoint
         if not last.is_file():
             raise MammoInputError(f"--checkpoint {path}: a folder must be a training run with "
                                   f"checkpoints/last.safetensors")

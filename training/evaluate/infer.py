@@ -1,7 +1,7 @@
 """One-click inference: what a trained encoder looks at and what it predicts, for one image.
 
 :func:`infer_image` runs an :class:`~training.evaluate.encoder.Encoder` on a mammogram (or one DBT slice),
-pre-processed exactly as in training (:meth:`Encoder.prepare`: tissue box, tissue-percentile
+pre-processed exactly as in training (:func:`~training.evaluate.encoder.prepare_image`: tissue box, tissue-percentile
 intensities, resolution), and returns an :class:`InferenceResult`:
 
 * the last layer's class-token-to-patch attention, per head and averaged over heads, and optionally
@@ -25,14 +25,15 @@ from __future__ import annotations
 import contextlib
 import functools
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal
 
 import numpy as np
 
-from training.evaluate.encoder import Encoder, Output, Prepared, read_frame, slice_index
+from training.dicom.image import MammoImage
+from training.evaluate.encoder import Encoder, Output, Prepared
 from training.errors import MammoInputError
+from training.lazy import LRU, LazyStack
 from training.progress import Steps, run_steps  # noqa: F401 (run_steps: the widget's and tests' entry)
 
 
@@ -45,7 +46,7 @@ TISSUE_PATCH = 0.5  # a patch at least half inside the tissue mask is a tissue p
 PCA_PERCENTILES = (1.0, 99.0)  # robust per-channel range of the PCA colours
 
 
-N_STEPS = 4  # read + tissue, prepare, forward, maps
+N_STEPS = 4  # read + tissue and crop + resize (one call: prepare_image), forward, maps
 
 
 # The encoder's attention hooks switch timm's fused attention off and on around each pass, so two
@@ -206,27 +207,6 @@ def _blas_controller() -> Any:
     return ThreadpoolController()
 
 
-def _read(image: Any, frame: int | None) -> tuple[np.ndarray, np.ndarray, int | None, str | None]:
-    """Values (MONOCHROME2), tissue mask, frame and path of a MammoImage, a 2D array or a slice of a
-    3D array (arrays are taken as shown: tissue bright)."""
-    if hasattr(image, "meta") and hasattr(image, "frame"):
-        values, tissue, frame = read_frame(image, frame)
-        return values, tissue, frame, str(image.meta.path)
-    from training.tissue import segment_tissue
-
-    shape = tuple(getattr(image, "shape", ()))
-    if len(shape) == 3:
-        frame = slice_index(shape[0], frame)
-        values = np.asarray(image[frame])
-    elif len(shape) == 2:
-        if frame not in (None, 0):
-            raise MammoInputError(f"frame {frame}: a 2D image has only frame 0")
-        values, frame = np.asarray(image), None
-    else:
-        raise MammoInputError(f"expected a mammogram, a 2D image or a 3D volume, got shape {shape}")
-    return values, segment_tissue(values).mask, frame, None
-
-
 @contextlib.contextmanager
 def _stoppable(encoder: Encoder, should_stop: Callable[[], bool] | None):
     """Check ``should_stop`` before every transformer block, so Cancel stops within one block."""
@@ -281,20 +261,18 @@ def inference_steps(encoder: Encoder, image: Any, frame: int | None = None, reso
 
     if attention not in ("last", "rollout"):
         raise MammoInputError(f"attention {attention!r}: choose 'last' or 'rollout'")
-    path = None
     check()
     if isinstance(image, Prepared):
         prepared = image
-        yield 2, N_STEPS
     else:
-        values, tissue, frame, path = _read(image, frame)
+        prepared = encoder.prepare_image(image, frame, resolution)
         yield 1, N_STEPS
         check()
-        prepared = encoder.prepare(values, tissue, resolution, frame)
-        yield 2, N_STEPS
+    yield 2, N_STEPS
     check()
     output = forward(encoder, prepared, attention, should_stop)
     yield 3, N_STEPS
+    path = str(image.meta.path) if isinstance(image, MammoImage) else None
     result = result_of(encoder, prepared, output, attention, path)
     yield 4, N_STEPS
     return result
@@ -347,36 +325,30 @@ class SliceResults:
 
     def __init__(self, encoder: Encoder, image: Any, resolution: int | None = None,
                  attention: Attention = "last", cache_size: int = 16):
-        shape = tuple(image.data.shape if hasattr(image, "meta") else image.shape)
+        shape = tuple(image.data.shape if isinstance(image, MammoImage) else image.shape)
         if len(shape) != 3:
             raise MammoInputError(f"a lazy attention stack needs a 3D volume, got shape {shape}")
         self.encoder, self.image, self.resolution, self.attention = encoder, image, resolution, attention
         self.shape = shape
-        self.cache_size = max(1, int(cache_size))
         self.computed: list[int] = []
-        self._cache: OrderedDict[int, InferenceResult] = OrderedDict()
-        self._lock = threading.Lock()
+        self._cache = LRU(cache_size)
         self._computing = threading.Lock()  # one slice at a time: two askers never compute it twice
+
+    @property
+    def cache_size(self) -> int:
+        return self._cache.size
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def peek(self, index: int) -> InferenceResult | None:
         """The cached result of slice ``index``, or None (computes nothing)."""
-        with self._lock:
-            result = self._cache.get(index)
-            if result is not None:
-                self._cache.move_to_end(index)
-            return result
+        return self._cache.get(index)
 
     def put(self, index: int, result: InferenceResult) -> None:
         """Cache the result of slice ``index`` (computed here or by someone else: it is logged)."""
-        with self._lock:
-            self.computed.append(index)
-            self._cache[index] = result
-            self._cache.move_to_end(index)
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+        self.computed.append(index)
+        self._cache.put(index, result)
 
     def get(self, index: int, should_stop: Callable[[], bool] | None = None) -> InferenceResult:
         """The result of slice ``index``, computed now if it is not cached."""
@@ -389,11 +361,11 @@ class SliceResults:
         return found
 
 
-class LazyAttentionStack:
+class LazyAttentionStack(LazyStack):
     """A read-only numpy-like (slices, rows, cols) float32 array on the image grid of a DBT volume:
     slice i is the map ``show`` of slice i's inference (see :meth:`InferenceResult.map`), computed
-    when it is first indexed and cached (LRU, ``cache_size`` slices). napari indexes only the slice on
-    screen, so a layer over a 60-slice volume costs the slices the user looks at. ``show="pca"`` gives
+    when it is first indexed (:class:`training.lazy.LazyStack`, the last two planes kept) from the
+    results cached in :class:`SliceResults` (``cache_size`` slices). ``show="pca"`` gives
     (slices, rows, cols, 3) RGB.
 
     ``flipped`` mirrors each plane left-right (a view the hanging protocol mirrored). With
@@ -411,11 +383,7 @@ class LazyAttentionStack:
                 raise ValueError("LazyAttentionStack needs an encoder and an image, or shared results")
             results = SliceResults(encoder, image, resolution, attention, cache_size)
         self.results, self.show, self.flipped, self.request = results, show, flipped, request
-        self.shape: tuple[int, ...] = results.shape + ((3,) if show == "pca" else ())
-        self.ndim = len(self.shape)
-        self.dtype = np.dtype(np.float32)
-        self._planes: OrderedDict[int, np.ndarray] = OrderedDict()  # the last rendered planes
-        self._lock = threading.Lock()
+        super().__init__(results.shape + ((3,) if show == "pca" else ()), np.float32, self._render, keep=2)
 
     def view(self, show: str) -> "LazyAttentionStack":
         """Another map of the same slices (same cache, mirror and request)."""
@@ -425,44 +393,16 @@ class LazyAttentionStack:
     def computed(self) -> list[int]:
         return self.results.computed
 
-    def __len__(self) -> int:
-        return self.shape[0]
-
     def __repr__(self) -> str:
         return f"LazyAttentionStack({self.shape}, {self.show!r})"
 
-    def plane(self, index: int) -> np.ndarray:
-        """Slice ``index`` on the image grid (computed now, or zeros while ``request`` computes it)."""
-        with self._lock:
-            if index in self._planes:
-                self._planes.move_to_end(index)
-                return self._planes[index]
+    def _render(self, index: int) -> np.ndarray | None:
+        """Slice ``index`` on the image grid: computed now, or None (zeros) while ``request`` computes it."""
         result = self.results.peek(index)
         if result is None and self.request is not None:
             self.request(index)
-            return np.zeros(self.shape[1:], dtype=self.dtype)
+            return None
         if result is None:
             result = self.results.get(index)
         plane = on_image_grid(result.prepared, result.map(self.show))
-        plane = plane[:, ::-1] if self.flipped else plane
-        plane.flags.writeable = False
-        with self._lock:
-            self._planes[index] = plane
-            while len(self._planes) > 2:
-                self._planes.popitem(last=False)
-        return plane
-
-    def __getitem__(self, key: Any) -> np.ndarray:
-        key = key if isinstance(key, tuple) else (key,)
-        if key and key[0] is Ellipsis:
-            key = (slice(None),) * (self.ndim - len(key) + 1) + key[1:]
-        first, rest = (key[0], key[1:]) if key else (slice(None), ())
-        if isinstance(first, (int, np.integer)):
-            return self.plane(range(self.shape[0])[first])[rest]
-        indices = np.arange(self.shape[0])[first]
-        stacked = np.stack([self.plane(int(i)) for i in indices]) if len(indices) else \
-            np.zeros((0, *self.shape[1:]), self.dtype)
-        return stacked[(slice(None), *rest)]
-
-    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
-        return np.asarray(self[:], dtype=dtype)
+        return plane[:, ::-1] if self.flipped else plane

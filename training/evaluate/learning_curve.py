@@ -150,14 +150,13 @@ class MonitorSet:
         settings = (int(resolution), int(patch), tuple(float(p) for p in percentiles))
         if self.prepared_with == settings:
             return 0.0
-        from training.evaluate.encoder import prepare, read_frame
+        from training.evaluate.encoder import prepare_image
         from training.dicom.io import open_image
 
         tick = time.perf_counter()
         masks = "lesion_mask" in (self.images[0].row if self.images else {})
         for image in self.images:
-            values, tissue, frame = read_frame(open_image(image.path))
-            image.prepared = prepare(values, tissue, resolution, patch, percentiles, frame)
+            image.prepared = prepare_image(open_image(image.path), None, resolution, patch, percentiles)
             image.targets = None
             if masks and (image.row.get("lesion_mask") or "").strip():
                 from training.evaluate.heads.localise import lesion_regions, patch_targets
@@ -259,7 +258,8 @@ def phantom_probe(features: np.ndarray, images: Sequence[MonitorImage], target: 
                   grid: Sequence[float] = MONITOR_C_GRID) -> tuple[dict[str, Any], list[str]]:
     """Out-of-fold AUROC and balanced accuracy of ``target`` (patient-grouped folds, no bootstrap), their
     chance levels, and notes. Classes in fewer than two patients are left out; too few: ``{}``."""
-    from training.evaluate.probe import classification_metrics, grouped_folds, out_of_fold_probabilities
+    from training.evaluate.metrics import classification_metrics, grouped_folds
+    from training.evaluate.probe import out_of_fold_probabilities
 
     labelled = {i: im.row[target].strip() for i, im in enumerate(images) if (im.row.get(target) or "").strip()}
     patients_of: dict[str, set[str]] = {}

@@ -24,41 +24,13 @@ from typing import Any, Sequence
 import numpy as np
 
 from training.errors import MammoInputError
+from training.evaluate.metrics import classification_metrics, grouped_folds, stratified_group_folds
 
 # DINOv2 sweeps 45 values over 10^-6..10^5; 12 over the same range keep one value per decade,
 # which is as fine as a few hundred rows can tell apart.
 C_GRID = tuple(float(c) for c in 10.0 ** np.linspace(-6, 5, 12))
 INNER_FOLDS = 3
 METRICS = ("auroc", "balanced_accuracy", "macro_f1")
-
-
-# --- folds -----------------------------------------------------------------------------------------
-
-def grouped_folds(y: np.ndarray, groups: Sequence[str], n_splits: int = 5, seed: int = 0,
-                  classes: Sequence[str] | None = None) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[str]]:
-    """Patient-grouped stratified (train, test) index pairs and notes. ``n_splits`` is lowered to the
-    number of groups of the rarest class when that is smaller (each fold can then hold one of
-    them); a class seen in fewer than two groups cannot be cross-validated and raises one line."""
-    from sklearn.model_selection import StratifiedGroupKFold
-
-    y = np.asarray(y)
-    groups = np.asarray(groups)
-    if n_splits < 2:
-        raise MammoInputError(f"--folds {n_splits}: cross-validation needs at least 2 folds")
-    names = list(classes) if classes is not None else [str(c) for c in np.unique(y)]
-    per_class = {names[i]: len(set(groups[y == c])) for i, c in enumerate(np.unique(y))}
-    rarest, count = min(per_class.items(), key=lambda item: item[1])
-    if count < 2:
-        raise MammoInputError(f"class {rarest!r} occurs in only {count} patient group(s); a grouped "
-                              f"cross-validation needs at least 2 (add data or merge classes)")
-    notes = []
-    if count < n_splits:
-        notes.append(f"{n_splits} folds asked, {count} used: class {rarest!r} occurs in only {count} "
-                     f"patient groups")
-        n_splits = count
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    splits = [(train, test) for train, test in splitter.split(np.zeros(len(y)), y, groups)]
-    return splits, notes
 
 
 # --- the probe -------------------------------------------------------------------------------------
@@ -72,7 +44,6 @@ def fit_probe(x: np.ndarray, y: np.ndarray, groups: Sequence[str], seed: int = 0
     row."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
-    from sklearn.model_selection import StratifiedGroupKFold
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
@@ -83,7 +54,7 @@ def fit_probe(x: np.ndarray, y: np.ndarray, groups: Sequence[str], seed: int = 0
         warnings.simplefilter("ignore", ConvergenceWarning)
         if inner < 2:
             return make_pipeline(StandardScaler(), LogisticRegression(C=1.0, max_iter=1000)).fit(x, y), 1.0
-        splits = list(StratifiedGroupKFold(inner, shuffle=True, random_state=seed).split(x, y, groups))
+        splits = stratified_group_folds(y, groups, inner, seed)
         search = LogisticRegressionCV(Cs=list(grid), cv=splits, scoring="neg_log_loss", l1_ratios=(0.0,),
                                       max_iter=1000, use_legacy_attributes=False)
         model = make_pipeline(StandardScaler(), search).fit(x, y)
@@ -114,26 +85,8 @@ def out_of_fold_probabilities(x: np.ndarray, y: np.ndarray, groups: Sequence[str
 
 # --- metrics ---------------------------------------------------------------------------------------
 
-def classification_metrics(y: np.ndarray, proba: np.ndarray) -> dict[str, float]:
-    """AUROC (binary: of the last class; multi-class: macro one-vs-rest), balanced accuracy and
-    macro-F1 of the arg-max prediction."""
-    from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
-
-    labels = np.arange(proba.shape[1])
-    predicted = proba.argmax(axis=1)
-    if proba.shape[1] == 2:
-        auroc = roc_auc_score(y, proba[:, 1])
-    else:
-        auroc = roc_auc_score(y, proba, multi_class="ovr", average="macro", labels=labels)
-    with warnings.catch_warnings():  # a class the probe never predicts: recall/F1 0, not a warning
-        warnings.simplefilter("ignore")
-        balanced = balanced_accuracy_score(y, predicted)
-    return {"auroc": float(auroc), "balanced_accuracy": float(balanced),
-            "macro_f1": float(f1_score(y, predicted, average="macro", labels=labels, zero_division=0))}
-
-
 def weighted_metrics(y: np.ndarray, proba: np.ndarray, weights: np.ndarray) -> dict[str, np.ndarray]:
-    """:func:`classification_metrics` of B weighted copies of the rows at once: ``weights`` (B, N)
+    """:func:`training.evaluate.metrics.classification_metrics` of B weighted copies of the rows at once: ``weights`` (B, N)
     are how many times each row is drawn, so row b equals the metrics of ``np.repeat(rows,
     weights[b])``. A bootstrap of 1000 draws then costs a few array operations instead of 3000
     scikit-learn calls (each of which spends most of its time validating its input)."""
@@ -170,7 +123,7 @@ def _weighted_auroc(positive: np.ndarray, scores: np.ndarray, weights: np.ndarra
 
 def bootstrap_intervals(y: np.ndarray, proba: np.ndarray, n_boot: int = 1000, seed: int = 0,
                         level: float = 0.95) -> tuple[dict[str, list[float]], int]:
-    """Percentile bootstrap intervals of :func:`classification_metrics` over rows resampled with
+    """Percentile bootstrap intervals of the classification metrics over rows resampled with
     replacement (``n_boot`` draws from ``seed``; a draw is the multinomial count of each row), and how
     many draws counted: a draw that misses a class has no AUROC and is skipped."""
     rng = np.random.default_rng(seed)

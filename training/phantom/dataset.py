@@ -27,11 +27,34 @@ import numpy as np
 from pydicom.uid import UID, ExplicitVRLittleEndian, JPEG2000Lossless
 
 from training.errors import MammoInputError
-from training.phantom.dicom import (DENSITIES, Identity, KINDS, LABEL_COLUMNS, LESIONS, atomic_write,
-    write_dbt, write_dbt_series, write_ffdm)
+from training.labels import read_rows
+from training.phantom.dicom import Identity, atomic_write, write_dbt, write_dbt_series, write_ffdm
 
 if TYPE_CHECKING:
     from training.phantom import SimulatedImage
+
+
+KINDS = ("ffdm", "dbt", "exam")
+
+
+LESIONS = ("none", "mass", "calc", "any")
+
+
+DENSITIES = ("A", "B", "C", "D")
+
+
+LABEL_COLUMNS = (
+    "path", "patient_id", "item", "kind", "view", "laterality", "density", "glandular_fraction",
+    "lesion", "lesion_type", "lesion_shape", "malignant", "birads", "n_lesions", "lesions",
+    "breast_mask", "glandular_mask", "lesion_mask", "rows", "cols", "slices", "spacing_mm",
+    "chest_wall", "photometric", "transfer_syntax", "seed", "params",
+)
+
+
+JSON_COLUMNS = ("lesions", "spacing_mm", "params")  # structured columns, JSON text in the CSV
+
+
+NUMBER_COLUMNS = ("item", "lesion", "malignant", "birads", "n_lesions", "rows", "cols", "slices", "seed")
 
 
 def _npz_bytes(array: np.ndarray) -> bytes:
@@ -98,7 +121,7 @@ def _joined(values: list[str]) -> str:
 def truth_row(image: SimulatedImage, dicom_path: Path, root: Path, masks: dict[str, Path], *,
               patient_id: str, item: int, photometric: str = "MONOCHROME2",
               transfer_syntax: str = ExplicitVRLittleEndian) -> dict[str, Any]:
-    """One labels-CSV row (as :func:`read_labels` gives it back): paths relative to `root` (the
+    """One labels-CSV row (as :func:`read_truth` gives it back): paths relative to `root` (the
     CSV's folder), every ground-truth fact."""
     lesions = _file_order_lesions(image)
     shape = image.pixels.shape
@@ -157,9 +180,6 @@ def write_image(image: SimulatedImage, folder: Path, root: Path, who: Identity, 
                      photometric=photometric, transfer_syntax=transfer_syntax)
 
 
-JSON_COLUMNS = ("lesions", "spacing_mm", "params")
-
-
 def write_labels(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Path:
     """The labels CSV (columns :data:`LABEL_COLUMNS`), rows in the order given; the structured
     columns (:data:`JSON_COLUMNS`) as JSON text."""
@@ -173,19 +193,18 @@ def write_labels(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> Pat
     return atomic_write(Path(path), write)
 
 
-def read_labels(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a labels CSV with numbers as numbers and the JSON columns parsed."""
-    numbers = {"item", "lesion", "malignant", "birads", "n_lesions", "rows", "cols", "slices", "seed"}
+def read_truth(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """The ground truth of a phantom labels CSV: its rows (:func:`training.labels.read_rows`) with the
+    numbers as numbers and the JSON columns decoded, as :func:`truth_row` made them."""
     rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            parsed: dict[str, Any] = dict(row)
-            for key in numbers & row.keys():
-                parsed[key] = int(row[key])
-            parsed["glandular_fraction"] = float(row["glandular_fraction"])
-            for key in JSON_COLUMNS:
-                parsed[key] = json.loads(row[key])
-            rows.append(parsed)
+    for row in read_rows(path):
+        parsed: dict[str, Any] = dict(row)
+        for key in set(NUMBER_COLUMNS) & row.keys():
+            parsed[key] = int(row[key])
+        parsed["glandular_fraction"] = float(row["glandular_fraction"])
+        for key in JSON_COLUMNS:
+            parsed[key] = json.loads(row[key])
+        rows.append(parsed)
     return rows
 
 

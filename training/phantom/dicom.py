@@ -1,5 +1,14 @@
-"""Simulated images -> real DICOM files: the one writer of FFDM and DBT files (the tests and benchmarks
-use it too).
+"""The project's one writer of mammography DICOM files, FFDM and DBT, in two layers:
+
+* Any pixels (the tests' and benchmarks' files): :func:`new_dataset` (file meta, identity, Image
+  Pixel module); :func:`mammogram_dataset` and :func:`enhanced_dbt_dataset` add what a reader needs
+  to place and show the image (view, laterality, spacing, windows; for DBT the geometry lives in the
+  Shared / Per-Frame Functional Groups only); :func:`save_dataset` writes it in any transfer syntax
+  pydicom encodes, or JPEG Lossless through GDCM. Callers add or delete anything else (a test's
+  deliberately broken file).
+* Simulated images: :func:`ffdm_dataset`, :func:`dbt_dataset` and :func:`dbt_slice_datasets` build
+  on those the complete IODs of a :class:`~training.phantom.SimulatedImage`; :func:`write_ffdm`,
+  :func:`write_dbt` and :func:`write_dbt_series` save them.
 
 DICOM
 -----
@@ -9,7 +18,7 @@ DICOM
   class sharing one Series Instance UID (:func:`write_dbt_series`).
 * Variants: MONOCHROME1 (stored values inverted, windows moved so it displays exactly like the
   MONOCHROME2 file; FFDM only, because the X-Ray 3D Image module allows MONOCHROME2 alone) and any
-  transfer syntax pydicom can encode, e.g. JPEG 2000 lossless (one fragment per frame).
+  lossless transfer syntax, e.g. JPEG 2000 lossless (one fragment per frame).
 
 Geometry. PatientOrientation follows the detector convention of the phantom contract (left breast:
 "A\\R" CC, "A\\FR" MLO; right: "P\\L", "P\\FL"); DBT ImageOrientationPatient is built from the same
@@ -20,65 +29,44 @@ the simulator's slice order (slice 0 nearest the detector). Masks and slice rang
 a file are in the file's frame order.
 
 Determinism. Same image and arguments -> identical bytes: UIDs come from
-``pydicom.uid.generate_uid(entropy_srcs=...)`` over the patient, series, instance and seed; dates
-and times are fixed; the file meta names this writer rather than the pydicom version; masks are
-PNG (2D) or a zip written with fixed timestamps (3D .npz).
+``pydicom.uid.generate_uid(entropy_srcs=...)`` over the :class:`Identity` (patient, study, series,
+instance) and the image's seed; dates and times are fixed; the file meta names this writer rather
+than the pydicom version. :meth:`Identity.unique` salts the UIDs for files that must differ.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.pixels import get_encoder
 from pydicom.uid import UID, ExplicitVRLittleEndian, generate_uid
 from pydicom.valuerep import format_number_as_ds
-
-
 
 if TYPE_CHECKING:
     from training.phantom import SimulatedImage
 
 
 MG_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.2")  # Digital Mammography X-Ray - For Presentation
-
-
 BREAST_TOMOSYNTHESIS = UID("1.2.840.10008.5.1.4.1.1.13.1.3")  # Breast Tomosynthesis Image Storage
 
 
-KINDS = ("ffdm", "dbt", "exam")
-
-
-LESIONS = ("none", "mass", "calc", "any")
-
-
-DENSITIES = ("A", "B", "C", "D")
-
-
 # What the files say made them; fixed so that the bytes do not change with a pydicom upgrade.
-MANUFACTURER = "napari-mammodino"
-
-
-MODEL = "MammoDINO breast phantom simulator"
-
-
-SOFTWARE_VERSION = "phantom-writer 1"
-
-
-IMPLEMENTATION_VERSION = "MAMMODINO_1"
-
-
+MANUFACTURER, MODEL = "napari-mammodino", "MammoDINO breast phantom simulator"
+SOFTWARE_VERSION, IMPLEMENTATION_VERSION = "phantom-writer 1", "MAMMODINO_1"
 UID_NAMESPACE = "mammodino-phantom"
-
-
 STUDY_DATE, STUDY_TIME = "20250101", "090000"  # fixed: same seed, same bytes
 
 
 # CID 4014 "View for Mammography" (SNOMED CT) and CID 4013 "Anatomic Region for Mammography".
-VIEW_CODES = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique")}
+VIEW_CODES = {"CC": ("399162004", "cranio-caudal"), "MLO": ("399368009", "medio-lateral oblique"),
+              "ML": ("399260004", "medio-lateral")}
 
 
 BREAST_CODE = ("76752008", "Breast")
@@ -93,16 +81,15 @@ PATIENT_ORIENTATION = {("L", "CC"): ("A", "R"), ("L", "MLO"): ("A", "FR"),
 _DIRECTIONS = {"L": (1, 0, 0), "R": (-1, 0, 0), "P": (0, 1, 0), "A": (0, -1, 0), "H": (0, 0, 1), "F": (0, 0, -1)}
 
 
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)  # rows along x, columns along y: frames step along z
+
+
 # Extra windows around the simulator's one, as the NORMAL/HARDER/SOFTER choices vendors store.
 WINDOW_CHOICES = (("NORMAL", 1.0), ("HARDER", 0.7), ("SOFTER", 1.4))
 
 
-LABEL_COLUMNS = (
-    "path", "patient_id", "item", "kind", "view", "laterality", "density", "glandular_fraction",
-    "lesion", "lesion_type", "lesion_shape", "malignant", "birads", "n_lesions", "lesions",
-    "breast_mask", "glandular_mask", "lesion_mask", "rows", "cols", "slices", "spacing_mm",
-    "chest_wall", "photometric", "transfer_syntax", "seed", "params",
-)
+# A VOI window: (centre, width) or (centre, width, explanation), in stored values.
+Window = tuple[float, float] | tuple[float, float, str]
 
 
 def _uid(*parts: Any) -> UID:
@@ -133,26 +120,246 @@ def image_orientation(laterality: str, view: str) -> tuple[np.ndarray, np.ndarra
 
 @dataclass(frozen=True)
 class Identity:
-    """Who and which series/instance an image belongs to; every UID is derived from it."""
+    """Who and which series/instance an image belongs to; every UID is derived from it (and from
+    `salt`, when set: see :meth:`unique`)."""
 
     patient_id: str = "PHANTOM"
     study: str = "1"
     series_number: int = 1
     instance_number: int = 1
     series_description: str = ""
+    patient_name: str = ""  # empty: "Phantom^<patient_id>"
+    salt: str = ""
+
+    @classmethod
+    def unique(cls, **fields: Any) -> Identity:
+        """An identity with a random salt: its UIDs are its own (two test files never share a study
+        or series by accident) yet stable across its instances (the slices of one series)."""
+        return cls(salt=secrets.token_hex(8), **fields)
+
+    def uid(self, *parts: Any) -> UID:
+        """A UID of this identity for `parts` (e.g. a frame of reference)."""
+        return _uid(*([self.salt] if self.salt else []), self.patient_id, "study", self.study, *parts)
 
     @property
     def study_uid(self) -> UID:
-        return _uid(self.patient_id, "study", self.study)
+        return self.uid()
 
     @property
     def series_uid(self) -> UID:
-        return _uid(self.patient_id, "study", self.study, "series", self.series_number)
+        return self.uid("series", self.series_number)
 
     def instance_uid(self, *extra: Any) -> UID:
-        return _uid(self.patient_id, "study", self.study, "series", self.series_number,
-                    "instance", self.instance_number, *extra)
+        return self.uid("series", self.series_number, "instance", self.instance_number, *extra)
 
+
+def code_item(value: str, meaning: str, scheme: str = "SCT") -> Dataset:
+    item = Dataset()
+    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
+    return item
+
+
+def view_codes(view: str) -> list[Dataset]:
+    """A ViewCodeSequence (CID 4014, SNOMED CT) for CC, MLO or ML, with its (empty, type 2) modifiers."""
+    item = code_item(*VIEW_CODES[view])
+    item.ViewModifierCodeSequence = []
+    return [item]
+
+
+def set_windows(item: Dataset, windows: Sequence[Window], function: str | None = None) -> None:
+    """WindowCenter/Width (several windows: multi-valued, in order), their explanations when given,
+    and VOILUTFunction when given, on `item` (the dataset or a FrameVOILUT item)."""
+    item.WindowCenter = [_ds(w[0]) for w in windows]
+    item.WindowWidth = [_ds(w[1]) for w in windows]
+    explanations = [str(w[2]) for w in windows if len(w) > 2]
+    if explanations:
+        item.WindowCenterWidthExplanation = explanations
+    if function:
+        item.VOILUTFunction = function
+
+
+# --- any pixels ---------------------------------------------------------------------------------
+
+def new_dataset(sop_class: str, pixels: np.ndarray, who: Identity, instance_uid: str | None = None, *,
+                photometric: str = "MONOCHROME2", bits_stored: int = 12) -> FileDataset:
+    """A Part 10 dataset (native, Explicit VR Little Endian) holding `pixels`, (rows, cols) or (frames,
+    rows, cols), as stored values: file meta, SOP Common, patient, study and series UIDs, Modality and
+    the Image Pixel module. Values are not checked against `bits_stored`: tests write garbage bits."""
+    pixels = np.ascontiguousarray(pixels, dtype="<u2")
+    sop_class, sop_instance = UID(sop_class), UID(instance_uid or who.instance_uid())
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_instance
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    meta.ImplementationClassUID = _uid("implementation")
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance
+    ds.PatientName = who.patient_name or f"Phantom^{who.patient_id}"
+    ds.PatientID = who.patient_id
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = who.study_uid, who.series_uid
+    ds.Modality, ds.BodyPartExamined = "MG", "BREAST"
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = photometric
+    ds.Rows, ds.Columns = int(pixels.shape[-2]), int(pixels.shape[-1])
+    if pixels.ndim == 3:
+        ds.NumberOfFrames = int(pixels.shape[0])
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits_stored, bits_stored - 1, 0
+    ds.PixelData = pixels.tobytes()
+    return ds
+
+
+def mammogram_dataset(pixels: np.ndarray, who: Identity, instance_uid: str | None = None, *,
+                      photometric: str = "MONOCHROME2", bits_stored: int = 12, view: str | None = "CC",
+                      laterality: str | None = "L", spacing: Sequence[float] | None = (0.1, 0.1),
+                      spacing_tag: str = "PixelSpacing", windows: Sequence[Window] = (),
+                      voi_function: str | None = None) -> FileDataset:
+    """A 2D Digital Mammography X-Ray Image - For Presentation with what a reader needs: view
+    (ViewPosition and code), ImageLaterality, in-plane spacing (row, column) under `spacing_tag`,
+    windows. None (or no windows) leaves the attribute out."""
+    ds = new_dataset(MG_FOR_PRESENTATION, pixels, who, instance_uid, photometric=photometric, bits_stored=bits_stored)
+    ds.ImageType = ["ORIGINAL", "PRIMARY"]
+    if view:
+        ds.ViewPosition = view
+        ds.ViewCodeSequence = view_codes(view)
+    if laterality:
+        ds.ImageLaterality = laterality
+    if spacing:
+        setattr(ds, spacing_tag, [_ds(s) for s in spacing])
+    if windows:
+        set_windows(ds, windows, voi_function)
+    return ds
+
+
+def frame_positions(orientation: Sequence[float], n: int, step: float,
+                    first: Sequence[float] = (0.0, 0.0, 0.0)) -> list[list[float]]:
+    """ImagePositionPatient of `n` frames `step` mm apart along the normal (row x column) from `first`."""
+    normal = np.cross(orientation[:3], orientation[3:])
+    return [[float(v) + 0.0 for v in np.asarray(first, float) + k * step * normal] for k in range(n)]  # no "-0"
+
+
+def enhanced_dbt_dataset(volume: np.ndarray, who: Identity, instance_uid: str | None = None, *,
+                         bits_stored: int = 12, spacing: Sequence[float] = (1.0, 0.1, 0.1),
+                         slice_thickness: float | None = None, spacing_between_slices: bool = False,
+                         orientation: Sequence[float] = AXIAL, positions: Sequence[Sequence[float]] | None = None,
+                         view: str | None = "CC", laterality: str = "L", windows: Sequence[Window] = (),
+                         frame_windows: Sequence[Sequence[Window]] | None = None,
+                         voi_function: str | None = None) -> FileDataset:
+    """A Breast Tomosynthesis Image multi-frame dataset of `volume` (frames in file order) whose
+    geometry, laterality and windows live only where the standard puts them, in the functional
+    groups. Shared: PixelMeasures (PixelSpacing = spacing[1:], SliceThickness = `slice_thickness` or
+    the slice step spacing[0], SpacingBetweenSlices when asked), PlaneOrientation, FrameAnatomy and
+    the shared `windows`. Per frame: PlanePosition (`positions`; default :func:`frame_positions`
+    from the origin) and each frame's own `frame_windows`. At the top level only the view code."""
+    ds = new_dataset(BREAST_TOMOSYNTHESIS, volume, who, instance_uid, bits_stored=bits_stored)
+    n = int(ds.get("NumberOfFrames", 1))
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
+    if view:
+        ds.ViewCodeSequence = view_codes(view)
+    shared, measures, plane, anatomy = Dataset(), Dataset(), Dataset(), Dataset()
+    measures.PixelSpacing = [_ds(s) for s in spacing[1:]]
+    measures.SliceThickness = _ds(slice_thickness or spacing[0])
+    if spacing_between_slices:
+        measures.SpacingBetweenSlices = _ds(spacing[0])
+    shared.PixelMeasuresSequence = [measures]
+    plane.ImageOrientationPatient = [_ds(v) for v in orientation]
+    shared.PlaneOrientationSequence = [plane]
+    anatomy.AnatomicRegionSequence = [code_item(*BREAST_CODE)]
+    anatomy.FrameLaterality = laterality
+    shared.FrameAnatomySequence = [anatomy]
+    if windows:
+        shared.FrameVOILUTSequence = [_voi_item(windows, voi_function)]
+    ds.SharedFunctionalGroupsSequence = [shared]
+    positions = frame_positions(orientation, n, spacing[0]) if positions is None else positions
+    groups = []
+    for k in range(n):
+        group, position = Dataset(), Dataset()
+        position.ImagePositionPatient = [_ds(v) for v in positions[k]]
+        group.PlanePositionSequence = [position]
+        if frame_windows is not None:
+            group.FrameVOILUTSequence = [_voi_item(frame_windows[k], voi_function)]
+        groups.append(group)
+    ds.PerFrameFunctionalGroupsSequence = groups
+    return ds
+
+
+def _voi_item(windows: Sequence[Window], function: str | None) -> Dataset:
+    item = Dataset()
+    set_windows(item, windows, function)
+    return item
+
+
+def encode(ds: FileDataset, transfer_syntax: str) -> FileDataset:
+    """`ds` (native) in `transfer_syntax`: a native one just relabels it; a compressed one is encoded
+    by pydicom, one fragment per frame (JPEG Lossless, which pydicom cannot encode: :func:`save_dataset`)."""
+    ts = UID(transfer_syntax)
+    if ts == ds.file_meta.TransferSyntaxUID:
+        return ds
+    if not ts.is_compressed:
+        ds.file_meta.TransferSyntaxUID = ts
+        return ds
+    ds.compress(ts, generate_instance_uid=False)
+    return ds
+
+
+def _pydicom_encodes(ts: UID) -> bool:
+    try:
+        return get_encoder(ts).is_available
+    except NotImplementedError:
+        return False
+
+
+def _gdcm_transcode(path: Path, ts: UID) -> None:
+    """Re-encode a native file in place with GDCM (JPEG Lossless, process 14, which pydicom cannot)."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(path))
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.GetTSType(str(ts))))
+    if not reader.Read():
+        raise OSError(f"GDCM cannot read {path}")
+    change.SetInput(reader.GetImage())
+    if not change.Change():
+        raise ValueError(f"GDCM cannot encode {ts.name}")
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(path))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    if not writer.Write():
+        raise OSError(f"GDCM cannot write {path}")
+
+
+def atomic_write(path: Path, write: Any) -> Path:
+    """Write through a temporary name in the same folder, then rename: a crash never leaves a
+    half-written file under the final name."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def save_dataset(ds: FileDataset, path: str | os.PathLike, transfer_syntax: str | None = None) -> Path:
+    """Write `ds` as a Part 10 file, first encoded in `transfer_syntax` when given: by pydicom, or by
+    GDCM for what pydicom cannot encode (JPEG Lossless)."""
+    ts = UID(transfer_syntax) if transfer_syntax else None
+    by_gdcm = ts is not None and ts.is_compressed and not _pydicom_encodes(ts)
+    if ts is not None and not by_gdcm:
+        encode(ds, ts)
+
+    def write(tmp: Path) -> None:
+        ds.save_as(tmp, enforce_file_format=True)
+        if by_gdcm:
+            _gdcm_transcode(tmp, ts)
+
+    return atomic_write(Path(path), write)
+
+
+# --- phantoms: the complete IODs ----------------------------------------------------------------
 
 def _windows(image: SimulatedImage, photometric: str) -> list[tuple[float, float, str]]:
     """(centre, width, explanation) in stored values of the file being written."""
@@ -169,75 +376,11 @@ def _flip_window(center: float, width: float, name: str, bits: int, photometric:
     return round(float(center), 3), round(float(width), 3), name
 
 
-def _code(value: str, meaning: str, scheme: str = "SCT") -> Dataset:
-    item = Dataset()
-    item.CodeValue, item.CodingSchemeDesignator, item.CodeMeaning = value, scheme, meaning
-    return item
-
-
-def _new_file(sop_class: UID, sop_instance: UID, transfer_syntax: UID) -> FileDataset:
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID = sop_class, sop_instance
-    meta.TransferSyntaxUID = transfer_syntax
-    meta.ImplementationClassUID = _uid("implementation")
-    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
-    ds = FileDataset("", Dataset(), file_meta=meta, preamble=b"\0" * 128)
-    ds.SOPClassUID, ds.SOPInstanceUID = sop_class, sop_instance  # SOP Common
-    return ds
-
-
-def _patient_module(ds: Dataset, who: Identity) -> None:
-    ds.PatientName = f"Phantom^{who.patient_id}"
-    ds.PatientID = who.patient_id
-    ds.PatientBirthDate = ""
-    ds.PatientSex = "F"
-
-
-def _study_module(ds: Dataset, who: Identity) -> None:
-    ds.StudyInstanceUID = who.study_uid
-    ds.StudyDate, ds.StudyTime = STUDY_DATE, STUDY_TIME
-    ds.ReferringPhysicianName = ""
-    ds.StudyID = who.study
-    ds.AccessionNumber = ""
-    ds.StudyDescription = "Simulated breast phantom (napari-mammodino)"
-
-
-def _series_module(ds: Dataset, who: Identity) -> None:
-    """General Series plus the MG series attributes (DX Series / Enhanced Mammography Series)."""
-    ds.Modality = "MG"
-    ds.SeriesInstanceUID = who.series_uid
-    ds.SeriesNumber = who.series_number
-    ds.SeriesDate, ds.SeriesTime = STUDY_DATE, STUDY_TIME
-    ds.SeriesDescription = who.series_description
-    ds.BodyPartExamined = "BREAST"
-
-
-def _equipment_module(ds: Dataset) -> None:
-    """General Equipment and Enhanced General Equipment."""
-    ds.Manufacturer = MANUFACTURER
-    ds.ManufacturerModelName = MODEL
-    ds.DeviceSerialNumber = "0"
-    ds.SoftwareVersions = SOFTWARE_VERSION
-
-
-def _pixel_module(ds: Dataset, shape: tuple[int, ...], bits: int, photometric: str) -> None:
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = photometric
-    ds.Rows, ds.Columns = int(shape[-2]), int(shape[-1])
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, bits, bits - 1, 0
-
-
-def _view_codes(view: str) -> list[Dataset]:
-    item = _code(*VIEW_CODES[view])
-    item.ViewModifierCodeSequence = []
-    return [item]
-
-
-def _voi_attributes(item: Dataset, windows: list[tuple[float, float, str]]) -> None:
-    item.WindowCenter = [_ds(c) for c, _, _ in windows]
-    item.WindowWidth = [_ds(w) for _, w, _ in windows]
-    item.WindowCenterWidthExplanation = [name for _, _, name in windows]
-    item.VOILUTFunction = "LINEAR"
+def _lossless(transfer_syntax: str) -> UID:
+    ts = UID(transfer_syntax)
+    if ts.is_compressed and "Lossless" not in ts.name:  # the ground truth describes these exact pixels
+        raise ValueError(f"{ts.name}: only lossless transfer syntaxes keep the ground truth valid")
+    return ts
 
 
 def _check_pixels(image: SimulatedImage, ndim: int) -> np.ndarray:
@@ -249,64 +392,64 @@ def _check_pixels(image: SimulatedImage, ndim: int) -> np.ndarray:
     return pixels
 
 
-def _set_pixels(ds: FileDataset, pixels: np.ndarray, transfer_syntax: UID) -> None:
-    """Native little-endian bytes, or encoded by pydicom (one fragment per frame)."""
-    if not transfer_syntax.is_compressed:
-        ds.PixelData = np.ascontiguousarray(pixels, dtype="<u2").tobytes()
-        return
-    if "Lossless" not in transfer_syntax.name:  # the ground truth describes these exact pixels
-        raise ValueError(f"{transfer_syntax.name}: only lossless transfer syntaxes keep the ground truth valid")
-    ds.compress(transfer_syntax, pixels, generate_instance_uid=False)
+def _complete_identity(ds: Dataset, who: Identity, image: SimulatedImage) -> None:
+    """Patient, General Study, General Series (with the MG series attributes), General Equipment and
+    the General Image attributes a phantom file carries on top of :func:`new_dataset`'s."""
+    ds.PatientBirthDate = ""
+    ds.PatientSex = "F"
+    ds.StudyDate, ds.StudyTime = STUDY_DATE, STUDY_TIME
+    ds.ReferringPhysicianName = ""
+    ds.StudyID = who.study
+    ds.AccessionNumber = ""
+    ds.StudyDescription = "Simulated breast phantom (napari-mammodino)"
+    ds.SeriesNumber = who.series_number
+    ds.SeriesDate, ds.SeriesTime = STUDY_DATE, STUDY_TIME
+    ds.SeriesDescription = who.series_description
+    ds.Manufacturer = MANUFACTURER
+    ds.ManufacturerModelName = MODEL
+    ds.DeviceSerialNumber = "0"
+    ds.SoftwareVersions = SOFTWARE_VERSION
+    ds.InstanceNumber = who.instance_number
+    ds.PatientOrientation = patient_orientation(image.laterality, image.view)
+    ds.ContentDate, ds.ContentTime = STUDY_DATE, STUDY_TIME
+    ds.ImageComments = f"Simulated phantom, seed {image.seed}; not a patient image"
+    ds.BurnedInAnnotation = "NO"
+    ds.LossyImageCompression = "00"
+    ds.BreastImplantPresent = "NO"
+    ds.PartialView = "NO"
+    ds.AcquisitionContextSequence = []
 
 
 def ffdm_dataset(image: SimulatedImage, who: Identity = Identity(), *, photometric: str = "MONOCHROME2",
                  transfer_syntax: str = ExplicitVRLittleEndian) -> FileDataset:
     """A Digital Mammography X-Ray Image - For Presentation dataset for a 2D simulated image."""
-    ts = UID(transfer_syntax)
+    ts = _lossless(transfer_syntax)
     pixels = _check_pixels(image, 2)
     if photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise ValueError(f"photometric must be MONOCHROME1 or MONOCHROME2, not {photometric!r}")
     maximum = 2 ** image.bits_stored - 1
     stored = (maximum - pixels).astype(np.uint16) if photometric == "MONOCHROME1" else pixels
-    ds = _new_file(MG_FOR_PRESENTATION, who.instance_uid(image.seed, image.laterality, image.view,
-                                                          photometric, ts), ts)
-    _patient_module(ds, who)
-    _study_module(ds, who)
-    _series_module(ds, who)
+    ds = mammogram_dataset(stored, who, who.instance_uid(image.seed, image.laterality, image.view, photometric, ts),
+                           photometric=photometric, bits_stored=image.bits_stored, view=image.view,
+                           laterality=image.laterality, spacing=image.spacing_mm, spacing_tag="ImagerPixelSpacing",
+                           windows=_windows(image, photometric), voi_function="LINEAR")
+    _complete_identity(ds, who, image)
     ds.PresentationIntentType = "FOR PRESENTATION"  # DX Series
-    _equipment_module(ds)
-    # General Image, DX Image, Mammography Image
-    ds.InstanceNumber = who.instance_number
-    ds.PatientOrientation = patient_orientation(image.laterality, image.view)
-    ds.ContentDate, ds.ContentTime = STUDY_DATE, STUDY_TIME
+    # DX Image, Mammography Image
     ds.AcquisitionDate, ds.AcquisitionTime = STUDY_DATE, STUDY_TIME
     ds.ImageType = ["ORIGINAL", "PRIMARY", ""]
-    ds.ImageComments = f"Simulated phantom, seed {image.seed}; not a patient image"
-    _pixel_module(ds, pixels.shape, image.bits_stored, photometric)
     ds.PixelIntensityRelationship = "LOG"
     # Dense tissue attenuates most and is bright in MONOCHROME2: higher values = less X-ray intensity.
     ds.PixelIntensityRelationshipSign = -1 if photometric == "MONOCHROME2" else 1
     ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "US"
     ds.PresentationLUTShape = "IDENTITY" if photometric == "MONOCHROME2" else "INVERSE"
-    ds.LossyImageCompression = "00"
-    ds.BurnedInAnnotation = "NO"
     ds.QualityControlImage = "NO"
     ds.PositionerType = "MAMMOGRAPHIC"
-    ds.ViewPosition = image.view  # DX Positioning
     ds.OrganExposed = "BREAST"
-    ds.ImageLaterality = image.laterality  # DX Anatomy Imaged
-    ds.AnatomicRegionSequence = [_code(*BREAST_CODE)]
-    ds.ViewCodeSequence = _view_codes(image.view)
-    ds.BreastImplantPresent = "NO"
-    ds.PartialView = "NO"
+    ds.AnatomicRegionSequence = [code_item(*BREAST_CODE)]
     _acquisition_facts(ds, image)
-    # DX Detector
-    ds.DetectorType = "DIRECT"
-    ds.ImagerPixelSpacing = [_ds(s) for s in image.spacing_mm]
-    _voi_attributes(ds, _windows(image, photometric))  # VOI LUT module
-    ds.AcquisitionContextSequence = []
-    _set_pixels(ds, stored, ts)
-    return ds
+    ds.DetectorType = "DIRECT"  # DX Detector
+    return encode(ds, ts)
 
 
 def _acquisition_facts(ds: Dataset, image: SimulatedImage) -> None:
@@ -331,12 +474,9 @@ def _dbt_geometry(image: SimulatedImage, n: int) -> tuple[list[float], list[list
     return orientation, positions
 
 
-def _frame_windows(image: SimulatedImage, frames: np.ndarray, per_frame: bool) -> list[list[tuple[float, float, str]]]:
-    """The VOI windows of each file frame: the volume's window everywhere, or each slice's own
-    (1st-99th percentile of its breast pixels) as some vendors store per frame."""
-    shared = _windows(image, "MONOCHROME2")
-    if not per_frame:
-        return [shared] * len(frames)
+def _frame_windows(image: SimulatedImage, frames: np.ndarray) -> list[list[tuple[float, float, str]]]:
+    """Each file frame's own VOI windows (1st-99th percentile of its breast pixels), as some vendors
+    store them per frame."""
     masks = np.asarray(image.breast_mask)[::-1]
     out = []
     for values, mask in zip(frames, masks):
@@ -347,85 +487,43 @@ def _frame_windows(image: SimulatedImage, frames: np.ndarray, per_frame: bool) -
     return out
 
 
-def _dbt_base(image: SimulatedImage, who: Identity, ts: UID, n_frames: int, sop_instance: UID) -> FileDataset:
-    ds = _new_file(BREAST_TOMOSYNTHESIS, sop_instance, ts)
-    _patient_module(ds, who)
-    _study_module(ds, who)
-    _series_module(ds, who)
-    ds.FrameOfReferenceUID = _uid(who.patient_id, "study", who.study, "frame of reference",
-                                  image.laterality, image.view, image.seed)
+def _phantom_dbt(image: SimulatedImage, who: Identity, uid: UID, frames: np.ndarray, first: int,
+                 frame_windows: list | None) -> FileDataset:
+    """The complete Breast Tomosynthesis Image IOD over `frames` (file frames `first`, `first` + 1, ...
+    of the volume): :func:`enhanced_dbt_dataset` plus the modules and frame macros the IOD requires."""
+    n_volume = image.pixels.shape[0]
+    orientation, positions = _dbt_geometry(image, n_volume)
+    ds = enhanced_dbt_dataset(frames, who, uid, bits_stored=image.bits_stored, spacing=image.spacing_mm,
+                              spacing_between_slices=True, orientation=orientation,
+                              positions=positions[first:first + len(frames)], view=image.view,
+                              laterality=image.laterality,
+                              windows=() if frame_windows else _windows(image, "MONOCHROME2"),
+                              frame_windows=frame_windows, voi_function="LINEAR")
+    _complete_identity(ds, who, image)
+    ds.FrameOfReferenceUID = who.uid("frame of reference", image.laterality, image.view, image.seed)
     ds.PositionReferenceIndicator = ""
-    _equipment_module(ds)
     # X-Ray 3D Image (with the Common CT/MR Image Description macro) and Breast View
-    ds.ImageType = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
     ds.PixelPresentation, ds.VolumetricProperties, ds.VolumeBasedCalculationTechnique = "MONOCHROME", "VOLUME", "NONE"
     ds.ContentQualification = "RESEARCH"
-    ds.BurnedInAnnotation = "NO"
-    ds.LossyImageCompression = "00"
     ds.PresentationLUTShape = "IDENTITY"
-    ds.ViewCodeSequence = _view_codes(image.view)
-    ds.BreastImplantPresent = "NO"
-    ds.PartialView = "NO"
-    # Not in the IOD, but real DBT files carry it and viewers hang images by it (standard extended).
-    ds.PatientOrientation = patient_orientation(image.laterality, image.view)
-    ds.ImageComments = f"Simulated phantom, seed {image.seed}; not a patient image"
-    # Multi-frame Functional Groups
-    ds.InstanceNumber = who.instance_number
-    ds.ContentDate, ds.ContentTime = STUDY_DATE, STUDY_TIME
-    ds.NumberOfFrames = n_frames
-    ds.AcquisitionContextSequence = []
-    _pixel_module(ds, image.pixels.shape, image.bits_stored, "MONOCHROME2")
-    return ds
-
-
-def _shared_groups(image: SimulatedImage, orientation: list[float],
-                   windows: list[tuple[float, float, str]] | None) -> Dataset:
-    shared = Dataset()
-    measures = Dataset()
-    measures.PixelSpacing = [_ds(s) for s in image.spacing_mm[1:]]
-    measures.SliceThickness = _ds(image.spacing_mm[0])
-    measures.SpacingBetweenSlices = _ds(image.spacing_mm[0])
-    shared.PixelMeasuresSequence = [measures]
-    plane = Dataset()
-    plane.ImageOrientationPatient = [_ds(v) for v in orientation]
-    shared.PlaneOrientationSequence = [plane]
-    anatomy = Dataset()
-    anatomy.AnatomicRegionSequence = [_code(*BREAST_CODE)]
-    anatomy.FrameLaterality = image.laterality
-    shared.FrameAnatomySequence = [anatomy]
     transform = Dataset()
     transform.RescaleIntercept, transform.RescaleSlope, transform.RescaleType = "0", "1", "US"
-    shared.PixelValueTransformationSequence = [transform]
-    if windows is not None:
-        voi = Dataset()
-        _voi_attributes(voi, windows)
-        shared.FrameVOILUTSequence = [voi]
-    return shared
-
-
-def _frame_group(index: int, position: list[float], windows: list[tuple[float, float, str]] | None) -> Dataset:
-    group = Dataset()
-    content = Dataset()
-    content.FrameReferenceDateTime = content.FrameAcquisitionDateTime = STUDY_DATE + STUDY_TIME
-    content.FrameAcquisitionDuration = 0
-    content.StackID = "1"
-    content.InStackPositionNumber = index + 1
-    content.DimensionIndexValues = [1, index + 1]
-    group.FrameContentSequence = [content]
-    plane = Dataset()
-    plane.ImagePositionPatient = [_ds(v) for v in position]
-    group.PlanePositionSequence = [plane]
-    # Frame type is a per-frame macro: validators (dciodvfy) expect it in every frame's group.
-    frame_type = Dataset()
-    frame_type.FrameType = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
-    frame_type.PixelPresentation, frame_type.VolumetricProperties = "MONOCHROME", "VOLUME"
-    frame_type.VolumeBasedCalculationTechnique = "NONE"
-    group.XRay3DFrameTypeSequence = [frame_type]
-    if windows is not None:
-        voi = Dataset()
-        _voi_attributes(voi, windows)
-        group.FrameVOILUTSequence = [voi]
-    return group
+    ds.SharedFunctionalGroupsSequence[0].PixelValueTransformationSequence = [transform]
+    for k, group in enumerate(ds.PerFrameFunctionalGroupsSequence, start=first):
+        content = Dataset()
+        content.FrameReferenceDateTime = content.FrameAcquisitionDateTime = STUDY_DATE + STUDY_TIME
+        content.FrameAcquisitionDuration = 0
+        content.StackID = "1"
+        content.InStackPositionNumber = k + 1
+        content.DimensionIndexValues = [1, k + 1]
+        group.FrameContentSequence = [content]
+        # Frame type is a per-frame macro: validators (dciodvfy) expect it in every frame's group.
+        frame_type = Dataset()
+        frame_type.FrameType = ["ORIGINAL", "PRIMARY", "TOMOSYNTHESIS", "NONE"]
+        frame_type.PixelPresentation, frame_type.VolumetricProperties = "MONOCHROME", "VOLUME"
+        frame_type.VolumeBasedCalculationTechnique = "NONE"
+        group.XRay3DFrameTypeSequence = [frame_type]
+    return ds
 
 
 def _dimensions(ds: Dataset, organization: UID) -> None:
@@ -446,61 +544,30 @@ def _dimensions(ds: Dataset, organization: UID) -> None:
 
 def dbt_dataset(image: SimulatedImage, who: Identity = Identity(), *, transfer_syntax: str = ExplicitVRLittleEndian,
                 per_frame_windows: bool = False) -> FileDataset:
-    """A Breast Tomosynthesis Image multi-frame dataset (frames in file order, see the module doc)."""
-    ts = UID(transfer_syntax)
+    """A Breast Tomosynthesis Image multi-frame dataset (frames in file order, see the module doc),
+    with the volume's windows shared or, with `per_frame_windows`, each frame's own."""
+    ts = _lossless(transfer_syntax)
     frames = _check_pixels(image, 3)[::-1]
-    n = len(frames)
-    ds = _dbt_base(image, who, ts, n, who.instance_uid(image.seed, image.laterality, image.view, "dbt", ts,
-                                                        per_frame_windows))
-    orientation, positions = _dbt_geometry(image, n)
-    windows = _frame_windows(image, frames, per_frame_windows)
-    shared_windows = None if per_frame_windows else windows[0]
-    ds.SharedFunctionalGroupsSequence = [_shared_groups(image, orientation, shared_windows)]
-    ds.PerFrameFunctionalGroupsSequence = [_frame_group(k, positions[k], None if shared_windows else windows[k])
-                                           for k in range(n)]
+    uid = who.instance_uid(image.seed, image.laterality, image.view, "dbt", ts, per_frame_windows)
+    ds = _phantom_dbt(image, who, uid, frames, 0, _frame_windows(image, frames) if per_frame_windows else None)
     _dimensions(ds, _uid(ds.SOPInstanceUID, "dimensions"))
-    _set_pixels(ds, frames, ts)
-    return ds
+    return encode(ds, ts)
 
 
 def dbt_slice_datasets(image: SimulatedImage, who: Identity = Identity(), *,
                        transfer_syntax: str = ExplicitVRLittleEndian) -> list[FileDataset]:
     """The volume as single-frame Breast Tomosynthesis instances of one series, InstanceNumber k+1
     for file frame k, each with its own PlanePosition; a reader stacks them into the same volume."""
-    ts = UID(transfer_syntax)
+    ts = _lossless(transfer_syntax)
     frames = _check_pixels(image, 3)[::-1]
-    n = len(frames)
-    orientation, positions = _dbt_geometry(image, n)
-    windows = _windows(image, "MONOCHROME2")
     out = []
-    for k in range(n):
-        slice_who = Identity(who.patient_id, who.study, who.series_number, k + 1, who.series_description)
+    for k in range(len(frames)):
+        slice_who = replace(who, instance_number=k + 1)
         uid = slice_who.instance_uid(image.seed, image.laterality, image.view, "dbt slice", ts)
-        ds = _dbt_base(image, slice_who, ts, 1, uid)
-        ds.SharedFunctionalGroupsSequence = [_shared_groups(image, orientation, windows)]
-        ds.PerFrameFunctionalGroupsSequence = [_frame_group(k, positions[k], None)]
+        ds = _phantom_dbt(image, slice_who, uid, frames[k:k + 1], k, None)
         _dimensions(ds, _uid(who.series_uid, "dimensions"))
-        _set_pixels(ds, frames[k], ts)
-        out.append(ds)
+        out.append(encode(ds, ts))
     return out
-
-
-def atomic_write(path: Path, write: Any) -> Path:
-    """Write through a temporary name in the same folder, then rename: a crash never leaves a
-    half-written file under the final name."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def save_dataset(ds: FileDataset, path: str | os.PathLike) -> Path:
-    return atomic_write(Path(path), lambda tmp: ds.save_as(tmp, enforce_file_format=True))
 
 
 def write_ffdm(image: SimulatedImage, path: str | os.PathLike, who: Identity = Identity(), *,
@@ -525,6 +592,7 @@ def write_dbt_series(image: SimulatedImage, folder: str | os.PathLike, who: Iden
 
 
 __all__ = [
-    "Identity", "LABEL_COLUMNS", "dbt_dataset", "dbt_slice_datasets", "ffdm_dataset", "write_dbt",
-    "write_dbt_series", "write_ffdm", "save_dataset",
+    "AXIAL", "Identity", "Window", "code_item", "dbt_dataset", "dbt_slice_datasets", "encode", "enhanced_dbt_dataset",
+    "ffdm_dataset", "frame_positions", "mammogram_dataset", "new_dataset", "save_dataset", "set_windows",
+    "view_codes", "write_dbt", "write_dbt_series", "write_ffdm",
 ]

@@ -60,7 +60,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
@@ -477,24 +477,32 @@ def sample_images(mammo_image: Any, seeds: Iterable[int], naive: bool = False,
     first so that tissue is bright."""
     from training.tissue import frame_and_tissue
 
-    sampler = MultiCropSampler(config, tissue_aware=not naive)
-    shape = tuple(mammo_image.data.shape)
     read = functools.cache(lambda index: frame_and_tissue(mammo_image, index))  # each frame decoded once
-
-    samples = []
-    for seed in seeds:
-        if len(shape) == 2:
-            if frame not in (None, 0):
-                raise MammoInputError(f"frame {frame}: a 2D image has only frame 0")
-            samples.append(sampler.sample(*read(0), seed))
-        else:
-            i, j = sampler.choose_pair(shape[0], _check_seed(seed), frame)
-            (vi, ti), (vj, tj) = read(i), read(j)
-            samples.append(sampler.sample_slices((vi, vj), (ti, tj), (i, j), seed))
-    return samples
+    return sample_frames(read, mammo_image.data.shape, seeds, naive, config, frame)
 
 
 def sample_image(mammo_image: Any, seed: int, naive: bool = False, config: SamplerConfig | None = None,
                  frame: int | None = None) -> Sample:
     """One sample of a MammoImage (see :func:`sample_images`)."""
     return sample_images(mammo_image, [seed], naive, config, frame)[0]
+
+
+def sample_frames(read: Callable[[int], tuple[np.ndarray, np.ndarray]], shape: Sequence[int], seeds: Iterable[int],
+                  naive: bool = False, config: SamplerConfig | None = None, frame: int | None = None) -> list[Sample]:
+    """:func:`sample_images` of an image given by its ``shape`` ((rows, cols), or (slices, rows, cols) for
+    DBT) and ``read(index) -> (values with tissue bright, tissue mask)`` of its frames: for callers that
+    hold the frames and masks already (the napari Sampler QA widget, with its cached tissue masks)."""
+    from training.dicom.image import frame_index
+
+    sampler = MultiCropSampler(config, tissue_aware=not naive)
+    shape = tuple(shape)
+    anchor = None if frame is None else frame_index(frame, shape[0] if len(shape) == 3 else 1)
+    samples = []
+    for seed in seeds:
+        if len(shape) == 2:
+            samples.append(sampler.sample(*read(0), seed))
+        else:
+            i, j = sampler.choose_pair(shape[0], _check_seed(seed), anchor)
+            (vi, ti), (vj, tj) = read(i), read(j)
+            samples.append(sampler.sample_slices((vi, vj), (ti, tj), (i, j), seed))
+    return samples

@@ -352,7 +352,7 @@ def check_no_leak(rows: list[dict[str, Any]]) -> None:
 class PhantomSet:
     collection: str
     folder: str
-    kind: str  # training.phantom.dicom kind: "exam" or "dbt"
+    kind: str  # training.phantom.dataset kind: "exam" or "dbt"
     seed_offset: int
     split: str
 

@@ -71,6 +71,7 @@ from training.checkpoint import (load_checkpoint, load_optimizer_state, optimize
 from training.ssl.presets import PretrainConfig
 from training.ssl.data import PretrainDataset, StepBatches, collate, worker_options
 from training.errors import MammoInputError
+from training.runs import RunFolder
 from training.ssl.losses import MammoDINOLoss
 from training.ssl.models import StudentTeacher
 from training.ssl.schedules import param_groups
@@ -107,8 +108,8 @@ class Run:
     meta: dict[str, Any]
 
     @property
-    def checkpoints(self) -> Path:
-        return self.out / "checkpoints"
+    def folder(self) -> RunFolder:
+        return RunFolder(self.out)
 
 
 def build_training(config: PretrainConfig, device: str | torch.device = "cpu"
@@ -142,7 +143,7 @@ def build_run(config: PretrainConfig, data: str | Path, out: str | Path, resume:
     first process for the default folder, in ``train.num_workers`` local processes; ``mammodino cache``
     for more, or a cluster) and then read instead of the DICOM files."""
     out = Path(out)
-    last = out / "checkpoints" / "last.safetensors"
+    last = RunFolder(out).last_checkpoint
     if resume and not last.is_file():
         raise MammoInputError(f"--resume: {out} holds no checkpoint (checkpoints/last.safetensors)")
     if not resume and last.exists():
@@ -222,7 +223,7 @@ def _stage_checkpoint(init_from: str | Path, config: PretrainConfig) -> Path:
     to be a MammoDINO pretraining checkpoint of the same network as ``config``."""
     path = Path(init_from)
     if path.is_dir():
-        path = path / "checkpoints" / "last.safetensors"
+        path = RunFolder(path).last_checkpoint
     if not path.is_file():
         raise MammoInputError(f"--from {init_from}: no pretraining checkpoint there (a .safetensors file or a "
                               f"run folder with checkpoints/last.safetensors)")
@@ -242,7 +243,7 @@ def export_state(checkpoint: str | Path, out: str | Path, dtype: torch.dtype = t
     it, student and teacher both from the teacher (not an exact resume: AdamW's moments start again)."""
     path = Path(checkpoint)
     if path.is_dir():
-        path = path / "checkpoints" / "last.safetensors"
+        path = RunFolder(path).last_checkpoint
     tensors, meta = load_checkpoint(path)
     # The teacher alone: a new stage starts its student from it (the EMA is the better network), so the
     # file is half the size of both.
@@ -287,7 +288,7 @@ def _restore(run: Run, path: Path, init_weights: str | Path | None = None) -> No
     np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), *meta["rng"]["numpy"]))
     random.setstate((meta["rng"]["python"][0], tuple(meta["rng"]["python"][1]), meta["rng"]["python"][2]))
     # Lines logged after this checkpoint (by a run killed later) are replayed by the resumed run.
-    metrics = run.out / "metrics.jsonl"
+    metrics = run.folder.metrics
     if metrics.is_file() and distributed.is_main():
         lines = [line for line in metrics.read_text(encoding="utf-8").splitlines()
                  if line.strip() and json.loads(line).get("step", 0) <= run.step]
@@ -297,7 +298,8 @@ def _restore(run: Run, path: Path, init_weights: str | Path | None = None) -> No
 def save(run: Run, metrics: dict[str, Any] | None, replicas: list[str] | None = None) -> Path:
     """A checkpoint of the run at its current step; keeps the newest ``keep_checkpoints`` and ``last``.
     ``replicas``: each process's :func:`replica_digest` (recorded as ``replica_digests``)."""
-    run.checkpoints.mkdir(parents=True, exist_ok=True)
+    folder = run.folder
+    folder.checkpoints.mkdir(parents=True, exist_ok=True)
     opt_tensors, opt_meta = optimizer_state(run.optimizer)
     np_state = np.random.get_state()
     py_state = random.getstate()
@@ -308,13 +310,9 @@ def save(run: Run, metrics: dict[str, Any] | None, replicas: list[str] | None = 
             "step": run.step, "metrics": metrics, "optimizer": opt_meta, "replica_digests": replicas,
             "rng": {"numpy": [int(np_state[2]), int(np_state[3]), float(np_state[4])],
                     "python": [py_state[0], list(py_state[1]), py_state[2]]}}
-    path = save_checkpoint(run.checkpoints / f"step_{run.step:07d}.safetensors", tensors, meta)
-    link = run.checkpoints / ".last.tmp"
-    link.unlink(missing_ok=True)
-    os.link(path, link)
-    os.replace(link, run.checkpoints / "last.safetensors")  # atomic: last always names a whole file
-    steps = sorted(run.checkpoints.glob("step_*.safetensors"))
-    for old in steps[:-run.config.train.keep_checkpoints]:
+    path = save_checkpoint(folder.step_checkpoint(run.step), tensors, meta)
+    folder.link_last(path)
+    for old in folder.step_checkpoints()[:-run.config.train.keep_checkpoints]:
         old.unlink()
     return path
 
@@ -332,7 +330,7 @@ def replica_digest(run: Run) -> str:
 
 def _kept(run: Run) -> str:
     """What a stopped run leaves behind, in words."""
-    last = run.checkpoints / "last.safetensors"
+    last = run.folder.last_checkpoint
     if not last.exists():
         return "no checkpoint had been saved yet"
     return f"the last good checkpoint (step {read_metadata(last).get('step')}) is kept: {last}"
@@ -356,8 +354,8 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
     ctx = distributed.setup(device.type)
     main_process = ctx.rank == 0
     end = c.schedule.total_steps if max_steps is None else max_steps
-    metrics_file = run.out / "metrics.jsonl"
-    run.out.mkdir(parents=True, exist_ok=True)
+    folder = run.folder
+    folder.path.mkdir(parents=True, exist_ok=True)
     log_k = math.log(c.model.dino_head.n_prototypes)
     low_entropy = 0
     last_metrics: dict[str, Any] | None = None
@@ -414,14 +412,12 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
         tick, waited = now, 0.0
         last_metrics = metrics
         if main_process and (run.step % c.train.log_every == 0 or run.step == 1 or run.step == end):
-            with open(metrics_file, "a", encoding="utf-8") as f:
-                f.write(json.dumps(metrics) + "\n")
+            folder.append_metrics(metrics)
         if monitor is not None and monitor.due(run.step, end) and not result.stop:
             # Before the checkpoint: a run killed while evaluating resumes before this step and measures it again.
             if main_process:
                 line = {"step": run.step, "kind": "eval", **monitor(run.model.teacher.backbone, run.step)}
-                with open(metrics_file, "a", encoding="utf-8") as f:
-                    f.write(json.dumps(line) + "\n")
+                folder.append_metrics(line)
                 metrics["eval"] = line["eval"]
             distributed.barrier()  # the other processes wait for rank 0's evaluation
             tick = time.perf_counter()  # the evaluation is no part of the next step's time
@@ -435,7 +431,7 @@ def pretrain_steps(run: Run, max_steps: int | None = None, guard: Guard = Guard(
         yield metrics
         if result.stop:  # any process asked: all stop after this same step
             return
-    if main_process and last_metrics is None and not run.checkpoints.joinpath("last.safetensors").exists():
+    if main_process and last_metrics is None and not folder.last_checkpoint.exists():
         save(run, None)
 
 
@@ -535,7 +531,7 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
             "init_weights": run.meta.get("init_weights"), "start_step": start,
             "step": run.step, "total_steps": config.schedule.total_steps,
             "terminated": bool(terminated), "time_limited": timed_out and not terminated,
-            "checkpoint": str(run.checkpoints / "last.safetensors"),
+            "checkpoint": str(run.folder.last_checkpoint),
             "metrics": {k: v for k, v in last.items() if k != "checkpoint"}, "data": run.dataset.describe()}
 
 

@@ -46,7 +46,8 @@ from training.evaluate.encoder import (Encoder, Prepared, TaskHead, image_featur
     save_encoder)
 from training.errors import MammoInputError
 from training.labels import LabelledSet, read_labels, read_rows
-from training.evaluate.heads.loop import Cancelled, FinetuneConfig, torch_device, linear_epoch, run_epochs, class_weights, encode, standardise, weighted_loss
+from training.evaluate.heads.loop import (Cancelled, FinetuneConfig, class_weights, encode, linear_epoch,
+    run_epochs, standardise, torch_device, weighted_loss)
 from training.evaluate.metrics import classification_metrics, grouped_split
 from training.runs import RunFolder
 
@@ -76,7 +77,7 @@ def _finetune(checkpoint, labels, target, out, config, data, group, command, pro
     from tqdm import tqdm
 
     started = time.perf_counter()
-    folder = RunFolder(out)
+    folder = RunFolder.fresh(out)
     rows = read_rows(labels)
     if group is None and "patient_id" in rows[0]:
         group = "patient_id"  # never let a patient's views fall on both sides by default
@@ -100,7 +101,7 @@ def _finetune(checkpoint, labels, target, out, config, data, group, command, pro
         trained = train_localisation(encoder, labelled, config, folder, stop, progress, base)
     else:
         trained = _train_classifier(encoder, labelled, config, folder, stop, progress, tqdm)
-    report = {"status": "cancelled" if trained["cancelled"] else "done", "out": str(folder.out),
+    report = {"status": "cancelled" if trained["cancelled"] else "done", "out": str(folder.path),
               "checkpoint": None, "task": trained["name"], "kind": "localisation" if localise else "classification",
               "target": target, "classes": trained["classes"], "mode": config.mode, "group": group,
               **{k: v for k, v in trained.items() if k not in ("head", "backbone", "cancelled", "name", "classes")}}
@@ -131,7 +132,7 @@ def _save(encoder: Encoder, trained: dict[str, Any], labelled: LabelledSet, conf
                          {"labels": str(labelled.csv), "rows": len(labelled), "target": labelled.target}),
             "task": name, "tasks": tasks,
             "base": {"source": encoder.source, "git_commit": old.get("git_commit"), "command": old.get("command")}}
-    return save_encoder(folder.checkpoint, encoder, meta)
+    return save_encoder(folder.last_checkpoint, encoder, meta)
 
 
 def _train_classifier(encoder: Encoder, labelled: LabelledSet, config: FinetuneConfig, folder: RunFolder,

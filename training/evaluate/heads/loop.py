@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from training.evaluate.encoder import (Encoder, Output, Prepared, TaskHead)
+from training.evaluate.encoder import Encoder, Output, Prepared, TaskHead
 from training.errors import MammoInputError
 from training.runs import RunFolder
 
@@ -136,7 +136,7 @@ def epochs(train_epoch: Callable[[], tuple[float, int, int]], evaluate: Callable
         val = evaluate()
         metrics = {"step": step, "epoch": epoch, "loss": loss, **val, "lr": lr,
                    "images_per_s": images / max(seconds, 1e-9)}
-        folder.log(metrics)
+        folder.append_metrics(metrics)
         stopper.update(epoch, val["val_loss"], metrics, state)
         if bar is not None:
             bar.update(1)
@@ -174,7 +174,7 @@ def encode(encoder: Encoder, paths: Sequence[Path], resolution: int | None, shou
 
 
 def run_epochs(result: dict[str, Any], head: TaskHead, train_epoch, evaluate, state, config: FinetuneConfig,
-                folder: RunFolder, stop: Callable[[], bool], progress: bool, tqdm: Any) -> dict[str, Any]:
+               folder: RunFolder, stop: Callable[[], bool], progress: bool, tqdm: Any) -> dict[str, Any]:
     """Run the epochs, then put the best epoch's weights in the result."""
     stopper = None
     run = 0
@@ -193,7 +193,7 @@ def run_epochs(result: dict[str, Any], head: TaskHead, train_epoch, evaluate, st
 
 
 def linear_epoch(head: TaskHead, x: Tensor, y: Tensor, w: Tensor, train: np.ndarray,
-                  optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
+                 optimizer: torch.optim.Optimizer, batch_size: int, generator: torch.Generator,
                   stop: Callable[[], bool]) -> Callable[[], tuple[float, int, int]]:
     index = torch.as_tensor(train)
 
