@@ -96,3 +96,23 @@ def start(steps: Steps, *, done: Callable[[Any], Any], ended: Callable[[], Any] 
     options = {"_progress": {"desc": desc}} if desc else {}
     worker = create_worker(guarded, steps, _connect=connect, **options)
     return Task(worker, stop or threading.Event())
+
+
+def start_form(request: Callable[[], Any], steps: Callable[[Any], Steps], done: Callable[[Any, Any], Any], *,
+               button: Any, status: Any, busy: str, bar: Any, desc: str) -> Task | None:
+    """A magicgui form's Run: ``request()`` reads the form (a user mistake is one :class:`Refused` line and
+    nothing starts); while ``steps(request)`` runs in a worker the ``button`` is disabled, the ``status``
+    label says ``busy`` and the progress ``bar`` follows; then ``done(request, result)``."""
+    try:
+        asked = request()
+    except MammoInputError as exc:
+        return Refused.of(exc).show()
+    button.enabled, status.value = False, busy
+
+    def ended() -> None:
+        button.enabled, status.value = True, ""
+
+    def step(finished: int, total: int) -> None:
+        bar.max, bar.value = total, finished
+
+    return start(steps(asked), progress=step, ended=ended, done=lambda result: done(asked, result), desc=desc)

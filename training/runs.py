@@ -25,6 +25,11 @@ class RunFolder:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.metrics = self.path / METRICS_FILE
+        self.checkpoints = self.path / CHECKPOINTS_DIR
+        self.last_checkpoint = self.checkpoints / LAST_CHECKPOINT
+        self.job, self.job_log, self.job_exit, self.job_cancel = (
+            self.path / name for name in (JOB_FILE, LOG_FILE, EXIT_FILE, CANCEL_FILE))
 
     @classmethod
     def fresh(cls, path: str | Path) -> "RunFolder":
@@ -38,18 +43,6 @@ class RunFolder:
 
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / METRICS_FILE
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.path / CHECKPOINTS_DIR
-
-    @property
-    def last_checkpoint(self) -> Path:
-        return self.checkpoints / LAST_CHECKPOINT
 
     def step_checkpoint(self, step: int) -> Path:
         """Pretraining's checkpoint of ``step``; the zero padding sorts them by step."""
@@ -69,22 +62,6 @@ class RunFolder:
     @property
     def holds_run(self) -> bool:
         return self.metrics.exists() or self.last_checkpoint.exists()
-
-    @property
-    def job(self) -> Path:
-        return self.path / JOB_FILE
-
-    @property
-    def job_log(self) -> Path:
-        return self.path / LOG_FILE
-
-    @property
-    def job_exit(self) -> Path:
-        return self.path / EXIT_FILE
-
-    @property
-    def job_cancel(self) -> Path:
-        return self.path / CANCEL_FILE
 
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         """One line of ``metrics.jsonl``, creating the folder."""
@@ -127,6 +104,11 @@ class JsonlReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        self.metrics = self.path / METRICS_FILE
+        self.checkpoints = self.path / CHECKPOINTS_DIR
+        self.last_checkpoint = self.checkpoints / LAST_CHECKPOINT
+        self.job, self.job_log, self.job_exit, self.job_cancel = (
+            self.path / name for name in (JOB_FILE, LOG_FILE, EXIT_FILE, CANCEL_FILE))
         self.rows: list[dict[str, Any]] = []
         self._offset = 0
         self._inode: int | None = None

@@ -28,12 +28,11 @@ from magicgui.widgets import CheckBox, Container, FloatSpinBox, Label, ProgressB
     SpinBox
 from napari.layers import Labels, Shapes
 
-from training.errors import MammoInputError
 from training.progress import Steps, run_steps
 from training.sampler.sampler import Sample, SamplerConfig, sample_frames
 
 from napari_mammodino._sources import ImagePicker, ImageSource
-from napari_mammodino._workers import Refused, start
+from napari_mammodino._workers import start_form
 from napari_mammodino.widgets.tissue import LazyPlanes
 
 if TYPE_CHECKING:
@@ -187,20 +186,9 @@ class SamplerQAWidget(Container):
 
     def start(self) -> Any:
         """Sample in a thread worker; layers and histogram appear when it is done. Returns the task."""
-        try:
-            request = self._request()
-        except MammoInputError as exc:
-            return Refused.of(exc).show()
-        self.run.enabled = False
-        self.info.value = "sampling…"
-
-        def ended() -> None:
-            self.run.enabled, self.info.value = True, ""
-
-        def step(done: int, total: int) -> None:
-            self.progress.max, self.progress.value = total, done
-
-        self.worker = start(sample_steps(*request), progress=step, ended=ended, done=self.draw, desc="sampler QA")
+        self.worker = start_form(self._request, lambda request: sample_steps(*request),
+                                 lambda _, result: self.draw(result), button=self.run, status=self.info,
+                                 busy="sampling…", bar=self.progress, desc="sampler QA")
         return self.worker
 
     def compute(self) -> QAResult:

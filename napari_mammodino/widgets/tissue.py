@@ -20,12 +20,11 @@ from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
 from napari.layers import Labels
 from napari.utils.colormaps import DirectLabelColormap
 
-from training.errors import MammoInputError
 from training.lazy import LazyStack
 from training.progress import Steps, run_steps
 
 from napari_mammodino._sources import ImagePicker, ImageSource
-from napari_mammodino._workers import Refused, start
+from napari_mammodino._workers import start_form
 
 if TYPE_CHECKING:
     import napari
@@ -115,21 +114,9 @@ class TissueWidget(Container):
 
     def start(self) -> Any:
         """Segment in a thread worker; the layer appears when it is done. Returns the task."""
-        try:
-            source, slices = self._request()
-        except MammoInputError as exc:
-            return Refused.of(exc).show()
-        self.run.enabled = False
-        self.stats.value = "segmenting…"
-
-        def ended() -> None:
-            self.run.enabled, self.stats.value = True, ""
-
-        def step(done: int, total: int) -> None:
-            self.progress.max, self.progress.value = total, done
-
-        self.worker = start(tissue_steps(source, slices), progress=step, ended=ended,
-                            done=lambda summary: self.draw(source, summary), desc="tissue mask")
+        self.worker = start_form(self._request, lambda request: tissue_steps(*request),
+                                 lambda request, summary: self.draw(request[0], summary), button=self.run,
+                                 status=self.stats, busy="segmenting…", bar=self.progress, desc="tissue mask")
         return self.worker
 
     def compute(self) -> Labels | None:
