@@ -104,11 +104,6 @@ class JsonlReader:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.metrics = self.path / METRICS_FILE
-        self.checkpoints = self.path / CHECKPOINTS_DIR
-        self.last_checkpoint = self.checkpoints / LAST_CHECKPOINT
-        self.job, self.job_log, self.job_exit, self.job_cancel = (
-            self.path / name for name in (JOB_FILE, LOG_FILE, EXIT_FILE, CANCEL_FILE))
         self.rows: list[dict[str, Any]] = []
         self._offset = 0
         self._inode: int | None = None
