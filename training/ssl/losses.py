@@ -45,6 +45,15 @@ Notation: ``B`` images, ``K`` prototypes, student temperature :math:`\tau_s` (0.
 
   Applied only to the pairs given (a mixed FFDM/DBT batch passes the indices of its DBT pairs; none
   gives 0). With one pair (or one volume) there are no negatives and the loss is 0.
+* Image-report contrastive loss (CLIP, Radford et al. 2021; Mammo-CLIP, Ghosh et al. 2024, whose
+  multi-view idea makes the CC and MLO views of one breast positives of each other's report). Image
+  :math:`u_i` and text :math:`w_j` embeddings, L2-normalised, :math:`s_{ij} = u_i \cdot w_j / \tau`,
+  positives :math:`P_i = \{j : breast(j) = breast(i)\}` (just :math:`\{i\}` without breast ids):
+
+  .. math:: L_{clip} = \frac{1}{2B} \sum_i \Big[-\frac{1}{|P_i|} \sum_{j \in P_i} \log
+            \frac{e^{s_{ij}}}{\sum_k e^{s_{ik}}}\Big] + (\text{the same over texts})
+
+  With one positive per row it is the symmetric InfoNCE above without excluded rows.
 
 Distributed training: the centre and Sinkhorn-Knopp need sums over every process; they take a
 ``reduce(tensor, op)`` callable (``op`` is ``"sum"`` or ``"max"``, in place, returning the tensor) that
@@ -246,6 +255,25 @@ def symmetric_infonce(anchors: Tensor, partners: Tensor, temperature: float = 0.
     target = torch.arange(a.shape[0], device=a.device)
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
 
+
+
+def clip_loss(images: Tensor, texts: Tensor, temperature: Tensor | float = 0.07,
+              breasts: Tensor | None = None) -> Tensor:
+    """Symmetric image-report InfoNCE (module docstring): row i of ``images`` (B, D) and of ``texts``
+    (B, D) describe the same image; rows with the same ``breasts`` id (B,) are positives too, each
+    weighted 1/|P_i| (the CC and MLO views of one breast share their findings)."""
+    if images.shape != texts.shape or images.ndim != 2:
+        raise ValueError(f"images {tuple(images.shape)} and texts {tuple(texts.shape)} must be (B, D)")
+    logits = F.normalize(images.float(), dim=-1) @ F.normalize(texts.float(), dim=-1).T / temperature
+    if breasts is None:
+        positives = torch.eye(len(logits), device=logits.device)
+    else:
+        ids = torch.as_tensor(breasts, device=logits.device).reshape(-1, 1)
+        positives = (ids == ids.T).float()
+    weights = positives / positives.sum(dim=1, keepdim=True)  # symmetric: the same for the texts' side
+    image_side = -(weights * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+    text_side = -(weights * F.log_softmax(logits.T, dim=1)).sum(dim=1).mean()
+    return 0.5 * (image_side + text_side)
 
 def dbt_pair_loss(embeddings: Tensor, pairs: Tensor, temperature: float = 0.1,
                   volumes: Tensor | None = None) -> Tensor:
