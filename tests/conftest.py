@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
 
 from helpers import REPO, SAMPLES
+
+# As in the Inference widget: triton (which timm -> torch._dynamo loads when installed) must not load
+# after a viewer's Mesa GL context, or the process segfaults; the tests never compile kernels. Here too so
+# that any subset of the suite, in any order, is safe (test_widgets.py then test_jobs.py crashed).
+sys.modules.setdefault("triton", None)
 
 MG1_J2KI = REPO.parent / "shared" / "data" / "MG1_J2KI"  # ../shared/data, never copied into the repo
 
