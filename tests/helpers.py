@@ -3,7 +3,9 @@ module imports another)."""
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 
@@ -32,3 +34,12 @@ def student_weights(run: Path) -> dict[str, torch.Tensor]:
     """The student's tensors in a run folder's last checkpoint."""
     tensors, _ = load_checkpoint(run / "checkpoints" / "last.safetensors")
     return unprefixed("model.student", tensors)
+
+
+def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
+    """``rows`` as a CSV at ``path`` (columns of the first row), as a user's edited labels file."""
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return path

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import write_csv
 from training.checkpoint import read_metadata
 from training.cli import main
 from training.evaluate.encoder import load_encoder
@@ -194,10 +195,7 @@ def test_bad_labels_exit_2_with_one_line(problem, phantoms, tmp_path, capsys):
     elif problem == "not categorical":
         target = "glandular_fraction"
     labels = tmp_path / "labels.csv"
-    with open(labels, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, labels)
     out = tmp_path / "run"
     if problem == "existing run":
         RunFolder(out).append_metrics({"step": 1})

@@ -15,6 +15,7 @@ import pytest
 from sklearn.metrics import balanced_accuracy_score, f1_score, roc_auc_score
 
 from dicom_factory import write_enhanced_dbt
+from helpers import write_csv
 from training.cli import main
 from training.evaluate.encoder import load_encoder, random_encoder
 from training.errors import MammoInputError
@@ -168,10 +169,7 @@ def _labels_with(phantoms: Path, tmp: Path, edit) -> Path:
         rows = list(csv.DictReader(f))
     rows = edit(rows)
     path = tmp / "labels.csv"
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, path)
     return path
 
 
