@@ -12,7 +12,8 @@ import pytest
 
 from napari_mammodino._workers import Cancelled
 from napari_mammodino.widgets.inference import InferenceWidget, inference_job
-from training.evaluate.infer import display_limits, on_image_grid, run_steps, times_uniform
+from training.evaluate.infer import display_limits, on_image_grid, times_uniform
+from training.progress import run_steps
 
 PLUGIN = "napari-mammodino"
 SAMPLE = "sample_data"

@@ -40,7 +40,8 @@ sys.modules.setdefault("triton", None)
 from training.evaluate.encoder import Encoder, load_encoder  # noqa: E402 (after the triton guard)
 from training.errors import MammoInputError  # noqa: E402
 from training.evaluate.infer import (N_STEPS, InferenceCancelled, InferenceResult, LazyAttentionStack,
-    SliceResults, Steps, display_limits, inference_steps, patch_placement, run_steps)
+    SliceResults, display_limits, inference_steps, patch_placement)
+from training.progress import Steps, run_steps  # noqa: E402
 from training.evaluate.export import export
 
 from napari_mammodino._sources import ImageSource, source_of

@@ -34,7 +34,7 @@ from training.dicom.image import MammoImage
 from training.evaluate.encoder import Encoder, Output, Prepared
 from training.errors import MammoInputError
 from training.lazy import LRU, LazyStack
-from training.progress import Steps, run_steps  # noqa: F401 (run_steps: the widget's and tests' entry)
+from training.progress import Steps, run_steps
 
 
 Attention = Literal["last", "rollout"]

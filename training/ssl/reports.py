@@ -298,7 +298,11 @@ def _phantom_records(rows: list[dict[str, str]], templates: Templates, where: st
             kinds = {str(lesion.get("kind")) for lesion in lesions}
             source.update(has_mass="yes" if "mass" in kinds else "no", has_calc="yes" if "calc" in kinds else "no")
         records.append(Record(row.get("path", ""), _read(source, templates, "image", at), []))
-        found.append([_lesion_source(row, lesion, base, at) for lesion in lesions or []])
+        if lesions:  # the mask and params are read once per image, not once per lesion
+            mask, params = _breast_mask(row, base), _json(row.get("params"))
+            found.append([_lesion_source(row, lesion, mask, params, at) for lesion in lesions])
+        else:
+            found.append([])
     _share_views(rows, found)
     for i, (record, sources) in enumerate(zip(records, found)):
         for source in sources:
@@ -320,16 +324,16 @@ def _lesions(row: dict[str, str], where: str) -> list[dict[str, Any]] | None:
     return lesions
 
 
-def _lesion_source(row: dict[str, str], lesion: dict[str, Any], base: Path | None, where: str) -> dict[str, Any]:
+def _lesion_source(row: dict[str, str], lesion: dict[str, Any], mask: np.ndarray | None, params: dict[str, Any],
+                   where: str) -> dict[str, Any]:
     """A lesion's raw facts: kind, shape, size_mm, label, morphology (calcifications, from ``params``), and
     depth with ``across`` (CC: outer/inner) or ``updown`` (MLO: upper/lower; CC: from the lesion's height)."""
-    params = _json(row.get("params"))
     source = {key: lesion.get(key) for key in ("kind", "shape", "size_mm", "label")}
     drawn = params.get("lesions") or []
     label = lesion.get("label")
     truth = drawn[label - 1] if isinstance(label, int) and 1 <= label <= len(drawn) else {}  # labels count from 1
     source["morphology"] = truth.get("morphology")
-    mask, box, view = _breast_mask(row, base), lesion.get("box"), row.get("view")
+    box, view = lesion.get("box"), row.get("view")
     if mask is None or not isinstance(box, list) or len(box) != 4 or view not in ("CC", "MLO"):
         return source  # no outline, no position: a report never guesses one
     tilt = (params.get("breast", {}).get("tilt_deg") or {}).get(view, 0.0)
