@@ -4,6 +4,9 @@ module imports another)."""
 from __future__ import annotations
 
 import csv
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -43,3 +46,31 @@ def write_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
         writer.writeheader()
         writer.writerows(rows)
     return path
+
+
+def terminated_when(path: Path, command: Sequence[str], env: dict[str, str] | None = None,
+                    seconds: float = 120) -> tuple[int, str, str]:
+    """Run ``command`` (in the repository), send it SIGTERM once ``path`` exists (a run's first metrics
+    line) and wait for it: (exit status, stdout, stderr). The process must still be running then."""
+    process = subprocess.Popen(list(command), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=env)
+    try:
+        deadline = time.monotonic() + seconds
+        while not path.exists() and time.monotonic() < deadline and process.poll() is None:
+            time.sleep(0.05)
+        assert process.poll() is None, process.communicate()[1]
+        process.send_signal(signal.SIGTERM)
+        stdout, stderr = process.communicate(timeout=seconds)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return process.returncode, stdout, stderr
+
+
+def phantom_labels(folder: Path, n: int, seed: int = 3) -> Path:
+    """``n`` small FFDM phantoms (128 x 104, one patient each, lesions of every kind) in ``folder``, and
+    their labels CSV (density, lesion, lesion_type, birads, masks...)."""
+    from training.phantom.dataset import generate
+
+    generate(folder, "ffdm", n, seed=seed, lesion="any", shape=(128, 104), workers=2, progress=False)
+    return folder / "labels.csv"

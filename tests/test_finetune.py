@@ -8,16 +8,14 @@ import csv
 import json
 import math
 import os
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import write_csv
+from helpers import phantom_labels, terminated_when, write_csv
+from training.errors import MammoInputError
 from training.checkpoint import read_metadata
 from training.cli import main
 from training.evaluate.encoder import load_encoder
@@ -37,11 +35,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 @pytest.fixture(scope="session")
 def phantoms(tmp_path_factory) -> Path:
     """20 FFDM phantoms 128 x 104 (one patient each), every lesion kind and density among them."""
-    from training.phantom.dataset import generate
-
-    out = tmp_path_factory.mktemp("finetune") / "phantoms"
-    generate(out, "ffdm", 20, seed=3, lesion="any", shape=(128, 104), workers=2, progress=False)
-    return out / "labels.csv"
+    return phantom_labels(tmp_path_factory.mktemp("finetune") / "phantoms", 20)
 
 
 def finetune(capsys, *args: str) -> tuple[int, dict | None, str]:
@@ -117,6 +111,17 @@ def test_the_grouped_split_never_puts_a_patient_on_both_sides():
         assert 0.1 < len(val) / 200 < 0.3 and set(y[val]) == {0, 1, 2}
 
 
+def test_a_small_labels_file_is_split_or_refused_in_one_line():
+    """12 images of 4 classes (3 each): fewer than the 5 folds a 0.2 split asks for, which scikit-learn
+    refuses with a traceback; 4 images of 4 classes cannot be split at all."""
+    y = np.repeat(np.arange(4), 3)
+    patients = [f"P{i}" for i in range(12)]
+    train, val = grouped_split(y, patients, 0.2, 0)
+    assert len(train) + len(val) == 12 and len(val) >= 1 and not set(train) & set(val)
+    with pytest.raises(MammoInputError, match="too few to split"):
+        grouped_split(np.arange(4), ["a", "b", "c", "d"], 0.2, 0)
+
+
 def test_early_stopping_keeps_the_best_epoch_and_stops_after_patience(tmp_path):
     val_losses = iter([1.0, 0.5, 0.6, 0.55, 0.7, 0.2, 0.1])
     states = iter(range(100))
@@ -138,19 +143,8 @@ def test_sigterm_saves_the_best_epoch_and_exits_cleanly(phantoms, tmp_path):
     command = [sys.executable, "-m", "training", "finetune", "--labels", str(phantoms), "--target", "lesion",
                "--out", str(run), "--mode", "full", "--epochs", "10000", "--patience", "10000", "--batch-size", "4",
                *FAST]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    try:
-        deadline = time.monotonic() + 120
-        while not (run / "metrics.jsonl").exists() and time.monotonic() < deadline and process.poll() is None:
-            time.sleep(0.05)
-        assert process.poll() is None, process.communicate()[1]
-        process.send_signal(signal.SIGTERM)
-        stdout, stderr = process.communicate(timeout=120)
-    finally:
-        if process.poll() is None:
-            process.kill()
-    assert process.returncode == 0, stderr
+    code, stdout, stderr = terminated_when(run / "metrics.jsonl", command, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert code == 0, stderr
     assert "SIGTERM" in stderr
     report = json.loads(stdout)
     assert report["status"] == "cancelled" and 1 <= report["epochs_run"] < 10000

@@ -136,6 +136,9 @@ def test_arguments_and_the_planned_total():
     assert (planned["total"], planned["batch_size"]) == (50, 4)
     assert plan("pretrain", ["--config", "cpu-tiny", "--max-steps", "7"])["total"] == 7
     assert plan("finetune", ["--epochs", "12", "--batch-size", "8"]) == {"unit": "epoch", "total": 12, "batch_size": 8}
+    assert plan("clip", ["--steps", "30", "--batch-size", "8"]) == {"unit": "step", "total": 30, "batch_size": 8}
+    assert plan("clip", ["--steps", "30", "--max-steps", "40"])["total"] == 40
+    assert plan("clip", [])["total"] == 1000  # ClipConfig's default
 
 
 def test_metrics_reading_is_incremental_and_tolerates_a_half_written_line(tmp_path):

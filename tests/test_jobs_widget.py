@@ -206,3 +206,32 @@ def test_the_form_passes_the_learning_curve_options_and_refuses_half_of_them(mak
     _, args, _ = widget.arguments()
     assert args["set"][-1] == "monitor.every=50" and args["monitor_phantom"] == str(tmp_path / "bench.csv")
     assert args["monitor_real"] is None and {"--monitor-real", "--monitor-phantom"} <= cli_options("pretrain")
+
+
+def test_an_image_report_job_runs_from_the_form_and_its_checkpoint_is_a_clip_model(
+        make_napari_viewer, qtbot, tmp_path, one_thread):
+    from helpers import SAMPLES
+    from training.ssl.clip import has_text_tower
+
+    viewer = make_napari_viewer()
+    widget = JobsWidget(viewer, poll_ms=250)
+    widget.kind.setCurrentText("clip")
+    assert widget.pretrain_box.isHidden() and widget.finetune_box.isHidden() and not widget.clip_box.isHidden()
+    widget.output.setText(str(tmp_path / "clip"))
+    widget.start_button.click()
+    assert widget.job is None and widget.status.text().startswith("error: choose the data")
+    widget.data.setText(str(SAMPLES / "labels.csv"))
+    widget.clip_steps.setValue(3)
+    widget.batch_size.setValue(4)
+    kind, args, _ = widget.arguments()
+    assert (kind, args["steps"], args["batch_size"], args["checkpoint"]) == ("clip", 3, 4, None)
+    widget.start_button.click()
+    job = widget.job
+    assert job is not None and job.total == 3
+    qtbot.waitUntil(lambda: widget.status.text().startswith("finished"), timeout=TIMEOUT_MS)
+    assert "loss" in widget.lines and list(widget.lines["loss"].get_xdata()) == [1, 2, 3]
+    assert has_text_tower(job.latest_checkpoint())
+    widget.kind.setCurrentText("pretrain")
+    widget.attach(tmp_path / "clip")  # re-attached: the form is the job's again, ready to resume
+    assert widget.kind.currentText() == "clip" and widget.clip_resume.isChecked()
+    assert widget.clip_steps.value() == 3

@@ -1,6 +1,6 @@
 """Training jobs as subprocesses that a GUI (or a script) starts, watches, cancels and re-attaches to.
 
-A job is ``mammodino pretrain|finetune ... --out RUN --quiet`` run by the same Python in its own session
+A job is ``mammodino pretrain|finetune|clip ... --out RUN --quiet`` run by the same Python in its own session
 (``start_new_session``): a crash or an out-of-memory kill of the trainer can't take the viewer down,
 and the job outlives the widget, even the viewer, that started it. Everything about a job lives in its
 run folder, so any process can re-attach to it:
@@ -37,7 +37,7 @@ from training.errors import MammoInputError
 from training.runs import JsonlReader, RunFolder, tail_lines
 
 
-KINDS = ("pretrain", "finetune")
+KINDS = ("pretrain", "finetune", "clip")
 
 
 RUNNING, FINISHED, FAILED, CANCELLED = "running", "finished", "failed", "cancelled"
@@ -117,8 +117,16 @@ def _int(text: str | None) -> int | None:
 
 def plan(kind: str, argv: Sequence[str]) -> dict[str, Any]:
     """What the job will do, as far as its arguments tell without importing the trainer: ``total``
-    (steps for pretrain: ``--max-steps`` or the config's ``schedule.total_steps``; epochs for finetune:
+    (steps for pretrain: ``--max-steps`` or the config's ``schedule.total_steps``; for clip: ``--max-steps``,
+    ``--steps`` or the default; epochs for finetune:
     ``--epochs``; None when unknown), ``unit`` and ``batch_size`` (None when unknown)."""
+    if kind == "clip":
+        from training.ssl.commands import CLIP_DEFAULTS
+
+        given = option_values(argv, "--max-steps") or option_values(argv, "--steps")
+        batch = option_values(argv, "--batch-size")
+        return {"unit": "step", "total": _int(given[-1]) if given else CLIP_DEFAULTS["steps"],
+                "batch_size": _int(batch[-1]) if batch else CLIP_DEFAULTS["batch_size"]}
     if kind == "finetune":
         batch = option_values(argv, "--batch-size")
         return {"unit": "epoch", "total": _int((option_values(argv, "--epochs") or [None])[-1]),
@@ -456,7 +464,7 @@ def launch(kind: str, args: Mapping[str, Any] | Sequence[str], run_dir: str | Pa
         if previous is not None and previous.running():
             raise MammoInputError(f"{run_dir} already has a running job (pid {previous.pid}): cancel it or "
                                   f"choose another output folder")
-    if kind == "pretrain" and folder.last_checkpoint.exists() and "--resume" not in argv:
+    if kind in ("pretrain", "clip") and folder.last_checkpoint.exists() and "--resume" not in argv:
         raise MammoInputError(f"{run_dir} already holds a run: tick resume to continue it or choose a new folder")
     run_dir.mkdir(parents=True, exist_ok=True)
     for stale in (folder.job_exit, folder.job_cancel):

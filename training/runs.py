@@ -63,6 +63,14 @@ class RunFolder:
     def holds_run(self) -> bool:
         return self.metrics.exists() or self.last_checkpoint.exists()
 
+    def keep_metrics_through(self, step: int) -> None:
+        """Drop the metrics lines after ``step``: a run resumed from its checkpoint at ``step`` logs the
+        later steps again (a run killed after the checkpoint had logged them once already)."""
+        if self.metrics.is_file():
+            lines = [line for line in self.metrics.read_text(encoding="utf-8").splitlines()
+                     if line.strip() and json.loads(line).get("step", 0) <= step]
+            self.metrics.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
     def append_metrics(self, row: Mapping[str, Any]) -> None:
         """One line of ``metrics.jsonl``, creating the folder."""
         self.path.mkdir(parents=True, exist_ok=True)

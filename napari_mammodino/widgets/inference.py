@@ -13,6 +13,8 @@ module loads the encoder in a thread worker, places the maps and shows the predi
   when the user scrolls to it, in a background worker (the layer shows nothing there until it is
   ready, and refreshes then), so scrolling a 60-slice volume never waits for the encoder. Slices are
   cached (LRU) and shared by all maps.
+* Find. A text box finds a sentence in the image with an image-report (CLIP) model: a ``find: <sentence>``
+  patch map placed like the attention, and zero-shot probabilities (:mod:`napari_mammodino.widgets.find`).
 * Failures. A checkpoint that does not load, a bad resolution or an image without tissue is one
   line in the widget and a napari notification; Cancel stops within one transformer block.
 """
@@ -46,6 +48,7 @@ from training.evaluate.export import export
 
 from napari_mammodino._sources import ImageSource, source_of
 from napari_mammodino._workers import Refused, guarded, settle, start
+from napari_mammodino.widgets.find import FindBox
 
 if TYPE_CHECKING:
     import napari
@@ -116,21 +119,31 @@ def shifted(steps: Steps, offset: int, total: int) -> Steps:
 
 # --- placing maps on an image layer --------------------------------------------------------------
 
-def patch_grid(layer: Image, result: InferenceResult, flipped: bool) -> dict[str, Any]:
-    """Layer keywords that put a (h, w) patch map of ``result`` on a 2D image layer: patch (i, j)'s
-    centre lands on the image pixels it summarises, through every part of the layer's transform."""
+def patch_grid(layer: Image, result: Any, flipped: bool, frame: int | None = None) -> dict[str, Any]:
+    """Layer keywords that put a (h, w) patch map of ``result`` (anything with a ``prepared``: an
+    InferenceResult, a Find) on a 2D image layer: patch (i, j)'s centre lands on the image pixels it
+    summarises, through every part of the layer's transform. ``frame``: a (1, h, w) map of that slice of
+    a volume layer."""
     from napari.utils.transforms import Affine
 
     origin, step = patch_placement(result.prepared, flipped)
+    if frame is not None:
+        origin, step = (frame, *origin), (1, *step)
     physical = Affine(scale=layer.scale, translate=layer.translate, rotate=layer.rotate, shear=layer.shear)
-    return dict(scale=tuple(np.multiply(layer.scale, step)), translate=tuple(physical(np.asarray(origin))),
-                rotate=layer.rotate, shear=layer.shear, affine=layer.affine.affine_matrix,
-                units=tuple(str(u) for u in layer.units))
+    out = dict(scale=tuple(np.multiply(layer.scale, step)), translate=tuple(physical(np.asarray(origin))),
+               rotate=layer.rotate, shear=layer.shear, affine=layer.affine.affine_matrix,
+               units=tuple(str(u) for u in layer.units))
+    if frame is not None:
+        out["axis_labels"] = tuple(layer.axis_labels)
+    return out
 
 
 def map_names(result: InferenceResult, mode: str) -> list[tuple[str, str]]:
-    """(layer suffix, :meth:`InferenceResult.map` name) of the maps a mode shows."""
-    if mode == "per head":
+    """(layer suffix, :meth:`InferenceResult.map` name) of the maps a mode shows (no attention map for
+    an encoder without attention, such as a CNN student)."""
+    if not result.has_attention:
+        maps = []
+    elif mode == "per head":
         maps = [(f"attention head {k}", f"head:{k}") for k in range(result.head_attention.shape[0])]
     elif mode == "rollout":
         maps = [("attention rollout", "rollout")]
@@ -142,13 +155,17 @@ def map_names(result: InferenceResult, mode: str) -> list[tuple[str, str]]:
 def describe(result: InferenceResult) -> str:
     """The predictions and the attention summary, for people."""
     enc = result.encoder
-    lines = [f"encoder: {enc.get('source', '?')} (ViT-{enc.get('arch')}/{enc.get('patch_size')}, "
+    network = enc.get("timm") or f"ViT-{enc.get('arch')}"  # a distilled student is named by timm
+    lines = [f"encoder: {enc.get('source', '?')} ({network}/{enc.get('patch_size')}, "
              f"input {max(result.prepared.pixels.shape)} px)"]
     if result.frame is not None:
         lines.append(f"slice {result.frame}")
-    lines.append(f"attention in tissue: {100 * result.attention_in_tissue:.1f}% "
-                 f"(tissue covers {100 * result.tissue_share:.1f}% of the input)")
-    lines.append(f"attention peak: {float(result.map('attention').max()):.2f}x uniform")
+    if result.has_attention:
+        lines.append(f"attention in tissue: {100 * result.attention_in_tissue:.1f}% "
+                     f"(tissue covers {100 * result.tissue_share:.1f}% of the input)")
+        lines.append(f"attention peak: {float(result.map('attention').max()):.2f}x uniform")
+    else:
+        lines.append("no attention in this encoder (a CNN): feature PCA and predictions")
     if not result.predictions and not result.heatmaps:
         lines.append("no task heads in this encoder: attention and features only")
     for task, probabilities in result.predictions.items():
@@ -218,6 +235,9 @@ class InferenceWidget(QWidget):
         layout.addWidget(self.progress)
         layout.addWidget(self.message)
         layout.addWidget(self.results)
+        self.finder = FindBox(napari_viewer, self.spec, self._where, lambda: self.resolution.value() or None,
+                              patch_grid, self.message, TAG)
+        layout.addWidget(self.finder)
         layout.addStretch(1)
 
         self.worker: Any = None
@@ -250,6 +270,7 @@ class InferenceWidget(QWidget):
         training-jobs widget hands its latest checkpoint over with this."""
         self.checkpoint.setText(str(path))
         self._encoder = None
+        self.finder.forget()
         self.results.setText(f"checkpoint {path}: click Run")
 
     def select_image(self, layer: Image) -> None:
@@ -310,12 +331,16 @@ class InferenceWidget(QWidget):
         self._encoder = (spec, encoder)
         return encoder
 
-    def _make_request(self) -> Request:
+    def _where(self) -> tuple[ImageSource, int | None]:
+        """The chosen image and the slice on screen (None for a 2D image)."""
         layer = self.image.currentData()
         if layer is None or layer not in self.viewer.layers:
             raise MammoInputError("Inference: open an image first (no image layer is selected)")
         source = source_of(layer)
-        frame = source.slice_index(self.viewer) if source.is_volume else None
+        return source, source.slice_index(self.viewer) if source.is_volume else None
+
+    def _make_request(self) -> Request:
+        source, frame = self._where()
         return Request(self.spec(), source, source.image_or_data(), frame, self.resolution.value() or None,
                        self.mode.currentText())
 
@@ -352,7 +377,8 @@ class InferenceWidget(QWidget):
     def draw(self, request: Request, encoder: Encoder, result: InferenceResult) -> list[Image]:
         """Replace this image's previous inference layers by the maps of ``result``."""
         source = request.source
-        for layer in [la for la in self.viewer.layers if la.metadata.get(TAG, {}).get("image") == source.name]:
+        for layer in [la for la in self.viewer.layers if la.metadata.get(TAG, {}).get("image") == source.name
+                      and la.metadata[TAG].get("map") != "find"]:  # a Find's map stays
             self.viewer.layers.remove(layer)
         self.request, self.result = request, result
         names = map_names(result, request.mode)
@@ -390,8 +416,8 @@ class InferenceWidget(QWidget):
         return layers
 
     def _style(self, show: str, first: bool, limits: tuple[float, float]) -> dict[str, Any]:
-        if show == "pca":  # hidden at first: one click shows attention; the PCA is one eye-click away
-            return dict(rgb=True, blending="translucent", opacity=0.7, visible=False)
+        if show == "pca":  # hidden behind attention: one eye-click away (shown first when there is no attention)
+            return dict(rgb=True, blending="translucent", opacity=0.7, visible=first)
         if show.startswith("heatmap:"):
             return dict(colormap=HEATMAP_COLORMAP, blending="additive", contrast_limits=(0.0, 1.0),
                         opacity=self.opacity.value() / 100, visible=True)

@@ -24,7 +24,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QFileDialog, QFormLayout, QGro
                             QWidget)
 
 from training.errors import MammoInputError
-from training.jobs import RUNNING, Job, cli_options, launch, option_values
+from training.jobs import KINDS, RUNNING, Job, cli_options, launch, option_values
 from training.runs import eval_curves, loss_terms
 
 if TYPE_CHECKING:
@@ -94,7 +94,7 @@ class JobsWidget(QWidget):
         self._log = ""
 
         self.kind = QComboBox()
-        self.kind.addItems(["pretrain", "finetune"])
+        self.kind.addItems(list(KINDS))
         self.output = PathEdit(("folder",), "run folder: metrics, checkpoints, job log")
         self.data = PathEdit(("folder", "csv"), "DICOM folder or labels CSV")
         self.batch_size = QSpinBox()
@@ -153,6 +153,17 @@ class JobsWidget(QWidget):
                              ("mode", self.mode), ("epochs", self.epochs)):
             form.addRow(label, field)
 
+        self.clip_checkpoint = PathEdit(("checkpoint",), "image encoder (default: the demo encoder)")
+        self.clip_steps = QSpinBox()
+        self.clip_steps.setRange(0, 10_000_000)
+        self.clip_steps.setSpecialValueText("default")
+        self.clip_resume = QCheckBox("resume the run in the output folder")
+        self.clip_box = QGroupBox("image-report (CLIP)")
+        form = QFormLayout(self.clip_box)
+        form.addRow("image encoder", self.clip_checkpoint)
+        form.addRow("steps", self.clip_steps)
+        form.addRow("", self.clip_resume)
+
         self.start_button = QPushButton("Start")
         self.cancel_button = QPushButton("Cancel")
         self.attach_button = QPushButton("Attach…")
@@ -192,6 +203,7 @@ class JobsWidget(QWidget):
         layout.addLayout(common)
         layout.addWidget(self.pretrain_box)
         layout.addWidget(self.finetune_box)
+        layout.addWidget(self.clip_box)
         layout.addLayout(buttons)
         layout.addWidget(self.status)
         layout.addWidget(self.progress)
@@ -210,8 +222,10 @@ class JobsWidget(QWidget):
     def _kind_changed(self, kind: str) -> None:
         self.pretrain_box.setVisible(kind == "pretrain")
         self.finetune_box.setVisible(kind == "finetune")
-        self.data.edit.setPlaceholderText("DICOM folder or labels CSV" if kind == "pretrain"
-                                          else "image folder the labels' paths are relative to (optional)")
+        self.clip_box.setVisible(kind == "clip")
+        self.data.edit.setPlaceholderText({"pretrain": "DICOM folder or labels CSV",
+                                           "clip": "labels CSV: a report column, or attributes to write reports from"}
+                                          .get(kind, "image folder the labels' paths are relative to (optional)"))
 
     def _browse_config(self) -> None:
         path, _ = QFileDialog.getOpenFileName(self, "Choose a config", str(Path.cwd()), PathEdit.FILTERS["json"])
@@ -261,6 +275,14 @@ class JobsWidget(QWidget):
                     "max_steps": self.steps.value() or None, "set": overrides, "resume": self.resume.isChecked(),
                     "monitor_real": absolute(curve[0]) if curve[0] else None,
                     "monitor_phantom": absolute(curve[1]) if curve[1] else None}
+        elif kind == "clip":
+            if not self.data.text():
+                raise MammoInputError("choose the data: a labels CSV of images with reports or attributes")
+            checkpoint = self.clip_checkpoint.text()
+            args = {"data": absolute(self.data.text()), "resume": self.clip_resume.isChecked(),
+                    "checkpoint": (checkpoint if checkpoint.startswith("random:") else absolute(checkpoint))
+                    if checkpoint else None,
+                    "steps": self.clip_steps.value() or None, "batch_size": self.batch_size.value() or None}
         else:
             for field, what in ((self.checkpoint, "a pretrained checkpoint"), (self.labels, "a labels CSV")):
                 if not field.text():
@@ -338,6 +360,12 @@ class JobsWidget(QWidget):
             self.monitor_phantom.setText(last("--monitor-phantom"))
             self.overrides.setText(shlex.join(o for o in overrides if not o.startswith(own)))
             self.resume.setChecked(job.latest_checkpoint() is not None)
+        elif job.kind == "clip":
+            self.data.setText(last("--data"))
+            self.clip_checkpoint.setText(last("--checkpoint"))
+            self.clip_steps.setValue(number(last("--steps")))
+            self.batch_size.setValue(number(last("--batch-size")))
+            self.clip_resume.setChecked(job.latest_checkpoint() is not None)
         else:
             self.checkpoint.setText(last("--checkpoint"))
             self.labels.setText(last("--labels"))

@@ -5,7 +5,8 @@ features and the viewer's attention map can never disagree about windowing, crop
 * Loading (:func:`load_encoder`): ``None`` is the shipped demo encoder; ``random:ARCH[/PATCH]`` a
   randomly initialised backbone (the baseline every probe table needs); a MammoDINO pretraining
   checkpoint (its EMA teacher's backbone, the network DINOv2 evaluates); an encoder file written by
-  :func:`save_encoder` (backbone plus named task heads, e.g. the demo or a fine-tuned model); or a
+  :func:`save_encoder` (backbone plus named task heads, e.g. the demo, a fine-tuned model or a distilled
+  student, whose backbone may be any timm network, :mod:`training.ssl.student`); or a
   DINOv2 / RAD-DINO ``.safetensors`` weights file in timm or Hugging Face layout, whose shape is read
   from its tensors. Nothing is downloaded and nothing is unpickled.
 * Pre-processing (:func:`prepare_image`: one path from an image's frame to the encoder's input, for
@@ -17,7 +18,8 @@ features and the viewer's attention map can never disagree about windowing, crop
   patch maps can be drawn on the image in mm.
 * Running (:meth:`Encoder.run`): class token, patch tokens, the last layer's class-token-to-patch
   attention per head (computed explicitly in that layer only, so it costs little more than a plain
-  forward pass) or attention rollout (Abnar & Zuidema 2020) over all layers, and the task heads'
+  forward pass) or attention rollout (Abnar & Zuidema 2020) over all layers (None for a backbone
+  without attention, such as a CNN student), and the task heads'
   predictions. Image features for probes are the class token concatenated with the mean patch token
   (DINOv2's linear-probe features, ``dinov2/eval/linear.py``).
 """
@@ -37,6 +39,7 @@ from torch import Tensor, nn
 from training.checkpoint import FORMAT, load_tensors, prefixed, read_metadata, save_checkpoint, unprefixed
 from training.errors import MammoInputError
 from training.ssl.models import ARCHS, HeadConfig, ModelConfig, ViTBackbone, load_backbone_weights
+from training.ssl.student import StudentConfig, TimmBackbone
 
 DEMO_CHECKPOINT = Path(__file__).resolve().parents[1] / "weights" / "mammodino-demo.safetensors"
 DEFAULT_PERCENTILES = (0.5, 99.5)  # the sampler's default intensity_percentiles
@@ -153,6 +156,13 @@ def prepare_image(image: Any, frame: int | None, resolution: int, patch: int,
     and PatientOrientation); or a 2D image / 3D volume array of MONOCHROME2 values, taken as shown
     (tissue bright). ``frame``: the DBT slice (checked; default the middle one); a 2D image's
     ``Prepared.frame`` is None. Then :func:`prepare` crops and resizes."""
+    return prepare_image_sizes(image, frame, [(resolution, patch)], percentiles)[0]
+
+
+def prepare_image_sizes(image: Any, frame: int | None, sizes: Sequence[tuple[int, int]],
+                        percentiles: Sequence[float] = DEFAULT_PERCENTILES) -> list[Prepared]:
+    """:func:`prepare_image` at several ``(resolution, patch)`` sizes, the frame read and its tissue
+    found once (a distillation teacher and its student see the same breast at their own sizes)."""
     from training.dicom.image import MammoImage, frame_index
     from training.tissue import frame_and_tissue, segment_tissue
 
@@ -168,7 +178,8 @@ def prepare_image(image: Any, frame: int | None, resolution: int, patch: int,
         index = frame_index(frame, shape[0] if volume else 1)
         values = np.asarray(image[index] if volume else image)
         tissue = segment_tissue(values).mask
-    return prepare(values, tissue, resolution, patch, percentiles, index if volume else None)
+    return [prepare(values, tissue, resolution, patch, percentiles, index if volume else None)
+            for resolution, patch in sizes]
 
 
 # --- the encoder -----------------------------------------------------------------------------------
@@ -195,16 +206,17 @@ class Output:
 
 class Encoder:
     """A backbone in eval mode with its pre-processing and task heads. ``meta`` is what the file said
-    (empty for random and foreign weights); ``source`` names where it came from."""
+    (empty for random and foreign weights); ``source`` names where it came from. The backbone is the
+    project's ViT or a timm student (:class:`~training.ssl.student.TimmBackbone`)."""
 
-    def __init__(self, backbone: ViTBackbone, heads: dict[str, TaskHead] | None = None,
+    def __init__(self, backbone: ViTBackbone | TimmBackbone, heads: dict[str, TaskHead] | None = None,
                  meta: dict[str, Any] | None = None, source: str = "", resolution: int | None = None,
                  percentiles: Sequence[float] | None = None):
         self.backbone = backbone.eval()
         self.heads = nn.ModuleDict(heads or {}).eval()
         self.meta = meta or {}
         self.source = source
-        self.config: ModelConfig = backbone.config
+        self.config: ModelConfig | StudentConfig = backbone.config
         pre = self.meta.get("preprocess", {})
         self.resolution = int(resolution or pre.get("resolution") or 37 * self.patch_size)
         self.percentiles = tuple(percentiles or pre.get("intensity_percentiles") or DEFAULT_PERCENTILES)
@@ -218,6 +230,11 @@ class Encoder:
         return self.config.dims[0]
 
     @property
+    def has_attention(self) -> bool:
+        """Whether :meth:`run` can give attention maps (a ViT; not a CNN student)."""
+        return len(self.backbone.blocks) > 0
+
+    @property
     def device(self) -> torch.device:
         return next(self.backbone.parameters()).device
 
@@ -229,9 +246,12 @@ class Encoder:
     def describe(self) -> dict[str, Any]:
         """What reports print about the encoder."""
         dim, depth, heads = self.config.dims
-        return {"source": self.source, "arch": self.config.arch, "patch_size": self.patch_size,
+        info = {"source": self.source, "arch": self.config.arch, "patch_size": self.patch_size,
                 "embed_dim": dim, "depth": depth, "num_heads": heads, "resolution": self.resolution,
                 "heads": {name: head.describe() for name, head in self.heads.items()}}
+        if isinstance(self.config, StudentConfig):  # patch_size is the output stride
+            info.update(timm=self.config.timm, attention=self.has_attention)
+        return info
 
     # pre-processing
     def prepare(self, values: np.ndarray, tissue: np.ndarray, resolution: int | None = None,
@@ -260,6 +280,8 @@ class Encoder:
 
     def _forward(self, pixels: Tensor, grids: list[tuple[int, int]], attention: AttentionKind) -> list[Output]:
         blocks = list(self.backbone.blocks)
+        if not blocks:  # no attention to show (a CNN): features and heads only
+            attention = "none"
         watched = {"none": [], "last": blocks[-1:], "rollout": blocks}[attention]
         with attention_probabilities(watched) as maps:
             tokens = self.backbone.forward_tokens(pixels)
@@ -391,8 +413,7 @@ def _from_file(path: Path) -> Encoder:
     meta = read_metadata(path)
     if meta.get("format") == FORMAT and meta.get("kind") == "encoder":
         tensors, _ = load_tensors(path)
-        config = ModelConfig.from_dict(meta["model"])
-        backbone = ViTBackbone(config)
+        backbone = backbone_of(meta["model"])
         _load_state(backbone, unprefixed("backbone", tensors), path)
         heads = {}
         for name, info in (meta.get("heads") or {}).items():
@@ -414,6 +435,14 @@ def _from_file(path: Path) -> Encoder:
     backbone = ViTBackbone(config_from_weights(path))
     report = load_backbone_weights(backbone, path)
     return Encoder(backbone, meta={"kind": "external", "load": report}, source=f"{path} ({report['layout']})")
+
+
+def backbone_of(model: dict[str, Any]) -> ViTBackbone | TimmBackbone:
+    """A backbone with random weights from an encoder file's ``model`` metadata: the project's ViT, or
+    a timm student (``"timm": name``) rebuilt from its name (nothing is downloaded)."""
+    if "timm" in model:
+        return TimmBackbone(StudentConfig.from_dict(model))
+    return ViTBackbone(ModelConfig.from_dict(model))
 
 
 def _load_state(module: nn.Module, state: dict[str, Tensor], path: Path) -> None:
@@ -455,13 +484,16 @@ def config_from_weights(path: str | Path) -> ModelConfig:
 
 
 def save_encoder(path: str | Path, encoder: Encoder, meta: dict[str, Any] | None = None,
-                 dtype: torch.dtype = torch.float32) -> Path:
+                 dtype: torch.dtype = torch.float32, extra: dict[str, Tensor] | None = None) -> Path:
     """Write ``encoder`` (backbone + task heads) as an encoder file: safetensors (``dtype``, e.g. fp16
-    for a small shipped model) with its model config, heads, pre-processing and ``meta`` as JSON."""
+    for a small shipped model) with its model config, heads, pre-processing and ``meta`` as JSON;
+    ``extra`` tensors ride along (their names must not start with ``backbone.`` or ``heads.``)."""
     tensors = prefixed("backbone", encoder.backbone.state_dict())
     for name, head in encoder.heads.items():
         tensors.update(prefixed(f"heads.{name}", head.state_dict()))
+    tensors.update(extra or {})  # e.g. a CLIP file's text tower, a checkpoint's optimiser state
     tensors = {k: v.detach().to("cpu", dtype if v.is_floating_point() else v.dtype) for k, v in tensors.items()}
+    tensors.update(extra or {})
     info = {**(meta or {}), "kind": "encoder", "model": encoder.config.to_dict(),
             "heads": {name: head.describe() for name, head in encoder.heads.items()},
             "preprocess": {"resolution": encoder.resolution, "intensity_percentiles": list(encoder.percentiles),

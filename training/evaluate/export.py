@@ -60,9 +60,9 @@ def _overlay(result: InferenceResult, image: Any, rgb_map: np.ndarray, alpha_map
 
 
 def export(result: InferenceResult, out_dir: str | Path, image: Any = None, prefix: str = "") -> dict[str, str]:
-    """Write ``result`` into ``out_dir``: NPY maps (raw: attention sums to 1), PNG overlays on the
-    windowed ``image`` (a MammoImage or array the result was computed on; without it, on the encoder's
-    input) and JSON predictions. Returns {what: path}."""
+    """Write ``result`` into ``out_dir``: NPY maps (raw: attention sums to 1; none for an encoder without
+    attention), PNG overlays on the windowed ``image`` (a MammoImage or array the result was computed on;
+    without it, on the encoder's input) and JSON predictions. Returns {what: path}."""
     from matplotlib import colormaps
     from matplotlib.image import imsave
 
@@ -79,8 +79,9 @@ def export(result: InferenceResult, out_dir: str | Path, image: Any = None, pref
         return target
 
     try:
-        np.save(path("attention.npy"), result.attention)
-        np.save(path("attention_heads.npy"), result.head_attention)
+        if result.has_attention:
+            np.save(path("attention.npy"), result.attention)
+            np.save(path("attention_heads.npy"), result.head_attention)
         if result.rollout is not None:
             np.save(path("rollout.npy"), result.rollout)
         np.save(path("pca.npy"), result.pca)
@@ -88,13 +89,14 @@ def export(result: InferenceResult, out_dir: str | Path, image: Any = None, pref
         for task, heatmap in result.heatmaps.items():
             np.save(path(f"heatmap_{task}.npy"), heatmap)
 
-        shown = result.map("attention")
-        lo, hi = display_limits(shown)
-        level = np.clip((shown - lo) / (hi - lo), 0, 1)
-        # Opacity follows the map (like napari's additive blending): the image stays readable where
-        # the model does not look more than its uniform share.
-        imsave(path("attention.png"), _overlay(result, image, colormaps["inferno"](level)[..., :3],
-                                               OVERLAY_ALPHA * level))
+        if result.has_attention:
+            shown = result.map("attention")
+            lo, hi = display_limits(shown)
+            level = np.clip((shown - lo) / (hi - lo), 0, 1)
+            # Opacity follows the map (like napari's additive blending): the image stays readable where
+            # the model does not look more than its uniform share.
+            imsave(path("attention.png"), _overlay(result, image, colormaps["inferno"](level)[..., :3],
+                                                   OVERLAY_ALPHA * level))
         tissue = (result.prepared.tissue >= TISSUE_PATCH).astype(np.float32)
         imsave(path("pca.png"), _overlay(result, image, result.pca, 0.7 * tissue))
         for task, heatmap in result.heatmaps.items():
@@ -136,15 +138,17 @@ def infer_command(path: str, checkpoint: str | None, out: str, frame: int | None
         for index in range(n):
             result = infer_image(encoder, image, index, resolution, attention)
             files = export(result, out, image=image, prefix=f"slice{index:03d}_")
+            share = result.attention_in_tissue
             slices.append({"frame": index, "predictions": result.predictions,
-                           "attention_in_tissue": round(result.attention_in_tissue, 6),
+                           "attention_in_tissue": None if share is None else round(share, 6),
                            "tissue_share": round(result.tissue_share, 6), "files": files})
             if progress is not None:
                 progress(f"slice {index + 1}/{n}")
         report["predictions"] = {  # the mean over slices of each class probability
             task: {c: float(np.mean([s["predictions"][task][c] for s in slices])) for c in classes}
             for task, classes in slices[0]["predictions"].items()}
-        report["attention_in_tissue"] = float(np.mean([s["attention_in_tissue"] for s in slices]))
+        shares = [s["attention_in_tissue"] for s in slices if s["attention_in_tissue"] is not None]
+        report["attention_in_tissue"] = float(np.mean(shares)) if shares else None
         report["tissue_share"] = float(np.mean([s["tissue_share"] for s in slices]))
         report["slices"] = slices
         report["files"] = {k: v for s in slices for k, v in

@@ -63,7 +63,8 @@ class InferenceResult:
     """Maps and predictions of one image (patch grid (h, w) of ``prepared``).
 
     ``attention`` (h, w) last-layer class-token attention averaged over heads (sums to 1);
-    ``head_attention`` (heads, h, w) the same per head (each sums to 1); ``rollout`` (h, w) or None;
+    ``head_attention`` (heads, h, w) the same per head (each sums to 1); both None, and
+    ``attention_in_tissue`` None, for an encoder without attention (a CNN student); ``rollout`` (h, w) or None;
     ``pca`` (h, w, 3) float32 in [0, 1] (0 on patches outside the tissue); ``pca_explained`` the
     explained-variance ratio of its three components; ``predictions`` {task: {class: probability}};
     ``heatmaps`` {task: (h, w) probability of the head's last class}; ``attention_in_tissue`` see
@@ -72,14 +73,14 @@ class InferenceResult:
     for ("last" or "rollout")."""
 
     prepared: Prepared
-    attention: np.ndarray
-    head_attention: np.ndarray
+    attention: np.ndarray | None
+    head_attention: np.ndarray | None
     rollout: np.ndarray | None
     pca: np.ndarray
     pca_explained: np.ndarray
     predictions: dict[str, dict[str, float]]
     heatmaps: dict[str, np.ndarray]
-    attention_in_tissue: float
+    attention_in_tissue: float | None
     tissue_share: float
     kind: Attention
     encoder: dict[str, Any] = field(default_factory=dict)
@@ -94,7 +95,12 @@ class InferenceResult:
         return self.prepared.grid
 
     @property
-    def shown(self) -> np.ndarray:
+    def has_attention(self) -> bool:
+        """False for an encoder without attention (a CNN student): PCA, predictions and heatmaps only."""
+        return self.attention is not None
+
+    @property
+    def shown(self) -> np.ndarray | None:
         """The attention map asked for: the rollout for ``kind="rollout"``, else the head mean."""
         return self.rollout if self.kind == "rollout" and self.rollout is not None else self.attention
 
@@ -105,6 +111,8 @@ class InferenceResult:
             return self.pca
         if name.startswith("heatmap:"):
             return self.heatmaps[name[len("heatmap:"):]]
+        if not self.has_attention and (name in ("attention", "mean", "rollout") or name.startswith("head:")):
+            raise MammoInputError(f"no {name} map: this encoder has no attention (features and heads only)")
         if name == "attention":
             values = self.shown
         elif name == "mean":
@@ -125,7 +133,8 @@ class InferenceResult:
         return {"path": self.path, "frame": self.frame, "attention": self.kind,
                 "predictions": self.predictions,
                 "heatmaps": {task: {"max": float(m.max()), "mean": float(m.mean())} for task, m in self.heatmaps.items()},
-                "attention_in_tissue": round(self.attention_in_tissue, 6), "tissue_share": round(self.tissue_share, 6),
+                "attention_in_tissue": None if self.attention_in_tissue is None else round(self.attention_in_tissue, 6),
+                "tissue_share": round(self.tissue_share, 6),
                 "pca_explained_variance": [round(float(v), 6) for v in self.pca_explained],
                 "grid": list(p.grid), "input_px": list(p.pixels.shape), "box": list(p.box),
                 "patch_px": [float(v) for v in p.patch_px], "image_shape": list(p.image_shape),
@@ -237,18 +246,22 @@ def forward(encoder: Encoder, prepared: Prepared, attention: Attention = "last",
 
 def result_of(encoder: Encoder, prepared: Prepared, output: Output, attention: Attention = "last",
               path: str | None = None) -> InferenceResult:
-    """An :class:`InferenceResult` from one forward pass's output."""
+    """An :class:`InferenceResult` from one forward pass's output (without attention maps when the
+    encoder has none)."""
     heads = output.attention
-    mean = heads.mean(0)
-    mean = mean / max(float(mean.sum()), 1e-12)
+    mean = None
+    if heads is not None:
+        mean = heads.mean(0)
+        mean = (mean / max(float(mean.sum()), 1e-12)).astype(np.float32)
+        heads = heads.astype(np.float32)
     rollout = output.rollout
     shown = rollout if attention == "rollout" and rollout is not None else mean
     rgb, explained = pca_rgb(output.patches, prepared.tissue)
     return InferenceResult(
-        prepared=prepared, attention=mean.astype(np.float32), head_attention=heads.astype(np.float32),
+        prepared=prepared, attention=mean, head_attention=heads,
         rollout=None if rollout is None else rollout.astype(np.float32), pca=rgb, pca_explained=explained,
         predictions=output.predictions, heatmaps={k: v.astype(np.float32) for k, v in output.heatmaps.items()},
-        attention_in_tissue=attention_in_tissue(shown, prepared.tissue),
+        attention_in_tissue=None if shown is None else attention_in_tissue(shown, prepared.tissue),
         tissue_share=float(np.mean(prepared.tissue)), kind=attention, encoder=encoder.describe(), path=path)
 
 

@@ -238,6 +238,8 @@ def attention_share(outputs: Sequence[Output], prepared: Sequence[Prepared], boo
 
     inside, uniform, ratios = [], [], []
     for output, item in zip(outputs, prepared):
+        if output.attention is None:  # an encoder without attention (a CNN student)
+            continue
         mean = output.attention.mean(0)
         share = float(np.mean(item.tissue))
         inside.append(attention_in_tissue(mean, item.tissue))

@@ -19,6 +19,12 @@ def stratified_group_folds(y: np.ndarray, groups: Sequence[str], n_splits: int,
     below (and the probe's inner folds) only choose ``n_splits``."""
     from sklearn.model_selection import StratifiedGroupKFold
 
+    # scikit-learn refuses more folds than the most frequent class has rows (a traceback for a small
+    # labels file): that many folds at most, which only changes calls that would have failed.
+    largest = int(np.unique(np.asarray(y), return_counts=True)[1].max()) if len(y) else 0
+    if largest < 2:
+        raise MammoInputError(f"{len(y)} labelled images with no class seen twice: too few to split")
+    n_splits = min(n_splits, largest)
     with warnings.catch_warnings():  # "least populated class has fewer members than n_splits": expected
         warnings.simplefilter("ignore", UserWarning)
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)

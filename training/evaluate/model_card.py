@@ -178,3 +178,50 @@ def model_card(meta: dict[str, Any], path: str | Path) -> str:
         lines += ["", "**Limitations.** " + " ".join(meta["limitations"])]
     lines += ["", f"**Remake:** `{meta['remake']}`.", ""]
     return "\n".join(lines)
+
+
+def clip_card(meta: dict[str, Any], path: str | Path) -> str:
+    """The Markdown model card of a shipped CLIP file (``scripts/make_clip_demo.py``) from its metadata."""
+    path = Path(path)
+    train, evaluation = meta["training"], meta["evaluation"]
+    text = meta["clip"]["text"]
+    size_mb = path.stat().st_size / 1e6 if path.exists() else float("nan")
+    params = meta["parameters"]
+    lines = [
+        f"# Model card: {meta['name']}", "",
+        f"`{path.name}`: fp16 safetensors, {size_mb:.1f} MB, {params['image'] / 1e6:.1f} M image + "
+        f"{params['text'] / 1e6:.1f} M text parameters; its JSON metadata holds everything below (this card is "
+        f"generated from it by `training/evaluate/model_card.py`).", "",
+        f"**What it is.** {meta['description']} Image side: `{Path(str(train['image_encoder'])).name}` (frozen). "
+        f"Text side: a {text['depth']}-block, {text['width']}-wide transformer over a "
+        f"{meta['clip'].get('vocabulary') or 'learnt'} WordPiece vocabulary built from the reports, embeddings of "
+        f"{text['embed_dim']}. Loss: symmetric InfoNCE with the views of one breast as extra positives. "
+        f"Not for clinical use.", "",
+        "**Training.**", "",
+        f"{train['steps']} steps of {train['config']['batch_size']} image-report pairs; loss "
+        f"{train['loss_first_last'][0]:.3f} -> {train['loss_first_last'][1]:.3f}; "
+        f"{train['images_per_s']:.0f} pairs/s (median step, 2-core CPU, frozen image features). Command: "
+        f"`{' '.join(train['command'] or [])}`.", "",
+        f"**Zero-shot on the phantom benchmark** (`{Path(evaluation['labels']).name}`, never trained on; "
+        "prompts: `training/evaluate/prompts.json`), and linear probes on 1% / 10% / 100% of the labels "
+        "(mean test AUROC over patient-grouped splits):", "",
+        "| target | images | zero-shot AUROC | zero-shot bal. acc. | chance bal. acc. | probe, CLIP embeddings | "
+        "probe, image-encoder features |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for target, r in evaluation["zero_shot"].items():
+        curve = r["label_efficiency"]["auroc"]
+        cells = [" / ".join(_num(by[f]["mean"]) for f in ("0.01", "0.1", "1.0")) for by in (curve["clip"],
+                                                                                         curve["image_encoder"])]
+        lines.append(f"| {target} | {r['n']} | {_num(r['auroc'])} | {_num(r['balanced_accuracy'])} | "
+                     f"{_num(r['chance']['balanced_accuracy'])} | {cells[0]} | {cells[1]} |")
+    p = evaluation["pointing_game"]
+    lines += ["", f"**Attribute maps: the pointing game** ({p['images']} lesion images; a hit when the map's peak "
+                  f"over the breast falls on a patch holding lesion pixels; sentences {p['sentences']}):", "",
+              "| lesions | images | attribute map | last-layer attention | random peak |", "|---|---|---|---|---|",
+              f"| all | {p['images']} | {_num(p['clip'])} | {_num(p['attention'])} | {_num(p['random'])} |"]
+    for kind, r in p["by_type"].items():
+        lines.append(f"| {kind} | {r['images']} | {_num(r['clip'])} | {_num(r['attention'])} | {_num(r['random'])} |")
+    lines += ["", "**What it does not know.**", ""] + [f"- {item}" for item in meta["limitations"]]
+    lines += ["", f"Remake: `{meta['remake']}`", ""]
+    return "\n".join(lines)

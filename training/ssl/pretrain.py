@@ -50,11 +50,9 @@ a tqdm progress bar on stderr.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 import random
-import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -71,6 +69,7 @@ from training.checkpoint import (load_checkpoint, load_optimizer_state, optimize
 from training.ssl.presets import PretrainConfig
 from training.ssl.data import PretrainDataset, StepBatches, collate, worker_options
 from training.errors import MammoInputError
+from training.progress import sigterm_flag
 from training.runs import RunFolder
 from training.ssl.losses import MammoDINOLoss
 from training.ssl.models import StudentTeacher
@@ -287,12 +286,8 @@ def _restore(run: Run, path: Path, init_weights: str | Path | None = None) -> No
     torch.set_rng_state(tensors["rng.torch"])
     np.random.set_state(("MT19937", tensors["rng.numpy"].numpy().astype(np.uint32), *meta["rng"]["numpy"]))
     random.setstate((meta["rng"]["python"][0], tuple(meta["rng"]["python"][1]), meta["rng"]["python"][2]))
-    # Lines logged after this checkpoint (by a run killed later) are replayed by the resumed run.
-    metrics = run.folder.metrics
-    if metrics.is_file() and distributed.is_main():
-        lines = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                 if line.strip() and json.loads(line).get("step", 0) <= run.step]
-        metrics.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    if distributed.is_main():  # lines logged after this checkpoint (by a run killed later) are logged again
+        run.folder.keep_metrics_through(run.step)
 
 
 def save(run: Run, metrics: dict[str, Any] | None, replicas: list[str] | None = None) -> Path:
@@ -493,44 +488,40 @@ def pretrain(config: PretrainConfig, data: str | Path, out: str | Path, max_step
     def should_stop() -> bool:  # train_step agrees on the stop across processes
         nonlocal timed_out
         timed_out = timed_out or (deadline is not None and time.monotonic() > deadline)
-        return bool(terminated) or timed_out
+        return terminated() or timed_out
 
     ctx = distributed.setup(device)  # under torchrun: join the process group (left again at the end)
-    terminated: list[bool] = []
-    installed = _in_main_thread()  # a SIGTERM while the data opens still ends at a checkpoint
-    previous = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True)) if installed else None
     last: dict[str, Any] = {}
-    try:
-        if config.train.batch_size < ctx.world_size:
-            raise MammoInputError(f"train.batch_size {config.train.batch_size} is smaller than the "
-                                  f"{ctx.world_size} processes: each needs at least one image a step")
-        monitor = learning_curve_monitor(config, monitor_real, monitor_phantom)  # CSV mistakes before any work
-        run = build_run(config, data, out, resume, command, ctx.device, init_weights, cache,
-                        progress=progress and ctx.rank == 0, init_from=init_from)
-        if monitor is not None:
-            run.meta["monitor"] = monitor.inputs()  # the CSVs and their SHA-256, in every checkpoint
-        distributed.barrier()  # every process has checked --out before rank 0 writes into it
-        end = config.schedule.total_steps if max_steps is None else max_steps
-        if end < run.step:
-            raise MammoInputError(f"--max-steps {end} is behind the run's step {run.step}")
-        start = run.step
-        show = progress and ctx.rank == 0  # one bar, rank 0's
-        with tqdm(total=end, initial=start, file=sys.stderr, disable=not show, unit="step",
-                  dynamic_ncols=True) as bar:
-            for last in pretrain_steps(run, end, guard, should_stop=should_stop, monitor=monitor):
-                bar.update(1)
-                bar.set_postfix(loss=f"{last['total']:.3f}", H=f"{last['teacher_entropy']:.2f}")
-    finally:
-        if installed:  # None: the old handler was not set from Python
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-        distributed.cleanup()
+    with sigterm_flag() as terminated:  # a SIGTERM while the data opens still ends at a checkpoint
+        try:
+            if config.train.batch_size < ctx.world_size:
+                raise MammoInputError(f"train.batch_size {config.train.batch_size} is smaller than the "
+                                      f"{ctx.world_size} processes: each needs at least one image a step")
+            monitor = learning_curve_monitor(config, monitor_real, monitor_phantom)  # CSV mistakes before any work
+            run = build_run(config, data, out, resume, command, ctx.device, init_weights, cache,
+                            progress=progress and ctx.rank == 0, init_from=init_from)
+            if monitor is not None:
+                run.meta["monitor"] = monitor.inputs()  # the CSVs and their SHA-256, in every checkpoint
+            distributed.barrier()  # every process has checked --out before rank 0 writes into it
+            end = config.schedule.total_steps if max_steps is None else max_steps
+            if end < run.step:
+                raise MammoInputError(f"--max-steps {end} is behind the run's step {run.step}")
+            start = run.step
+            show = progress and ctx.rank == 0  # one bar, rank 0's
+            with tqdm(total=end, initial=start, file=sys.stderr, disable=not show, unit="step",
+                      dynamic_ncols=True) as bar:
+                for last in pretrain_steps(run, end, guard, should_stop=should_stop, monitor=monitor):
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{last['total']:.3f}", H=f"{last['teacher_entropy']:.2f}")
+        finally:
+            distributed.cleanup()
     if last.get("skipped") and ctx.rank == 0:
         print(f"mammodino pretrain: warning: {last['skipped_images']} images have no breast tissue; skipped "
               f"{last['skipped']} times", file=sys.stderr)
     return {"out": str(Path(out)), "rank": ctx.rank, "world_size": ctx.world_size, "device": str(ctx.device),
             "init_weights": run.meta.get("init_weights"), "start_step": start,
             "step": run.step, "total_steps": config.schedule.total_steps,
-            "terminated": bool(terminated), "time_limited": timed_out and not terminated,
+            "terminated": terminated(), "time_limited": timed_out and not terminated(),
             "checkpoint": str(run.folder.last_checkpoint),
             "metrics": {k: v for k, v in last.items() if k != "checkpoint"}, "data": run.dataset.describe()}
 
@@ -549,10 +540,3 @@ def learning_curve_monitor(config: PretrainConfig, real: str | Path | None,
     from training.evaluate.learning_curve import Monitor
 
     return Monitor(real, phantom, m.resolution, m.k, m.max_images, config.sampler.intensity_percentiles, m.every)
-
-
-def _in_main_thread() -> bool:
-    """Signal handlers can only be installed from the main thread (a GUI worker thread cannot)."""
-    import threading
-
-    return threading.current_thread() is threading.main_thread()

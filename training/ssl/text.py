@@ -1,21 +1,23 @@
 """The text side of image-report pretraining (Mammo-CLIP): a tokenizer trained on the report corpus and
 a small transformer that embeds a report.
 
-The tokenizer is a WordPiece vocabulary learnt here with Hugging Face ``tokenizers`` (nothing is
-downloaded): reports are short and their vocabulary narrow (a few hundred words), so a vocabulary of a
-few thousand pieces covers them, and an unseen word still splits into pieces instead of one unknown
-token. It travels as its JSON text in the checkpoint's metadata (:func:`tokenizer_to_json`), so a
+The tokenizer is a WordPiece vocabulary built here from the reports and run by Hugging Face
+``tokenizers`` (nothing is downloaded): reports are short and their vocabulary narrow (a few hundred
+words), so their words plus every character cover them, and an unseen word still splits into pieces
+instead of one unknown token. It travels as its JSON text in the checkpoint's metadata (:func:`tokenizer_to_json`), so a
 checkpoint is the whole model. The encoder is a pre-norm transformer over the pieces whose ``[CLS]``
 state, projected, is the report's embedding (CLIP's text tower, much smaller).
 """
 
 from __future__ import annotations
 
+import string
+from collections import Counter
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from torch import Tensor, nn
 
 from training.errors import MammoInputError
@@ -24,17 +26,32 @@ PAD, UNK, CLS, SEP = "[PAD]", "[UNK]", "[CLS]", "[SEP]"
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 2000) -> Tokenizer:
-    """A lower-casing WordPiece tokenizer learnt from ``texts`` that wraps each text in [CLS] ... [SEP]."""
-    tokenizer = Tokenizer(models.WordPiece(unk_token=UNK))
+    """A lower-casing WordPiece tokenizer for ``texts`` that wraps each text in [CLS] ... [SEP].
+
+    Its vocabulary is the special tokens, every character seen plus the ASCII letters, digits and
+    punctuation (alone and as ``##`` continuations, so an unseen word still splits into pieces), then
+    the most frequent whole words (ties alphabetical) up to ``vocab_size``. ``tokenizers``' own
+    WordPiece trainer breaks ties between merges in hash-map order, which changes from run to run;
+    counting words gives the same ids for the same reports, so a resumed or repeated run is exact.
+    Normalising, splitting and encoding are the library's."""
+    tokenizer = Tokenizer(models.WordPiece({PAD: 0, UNK: 1, CLS: 2, SEP: 3}, unk_token=UNK))
     tokenizer.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(),
                                                  normalizers.StripAccents()])
     tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tokenizer.decoder = decoders.WordPiece()
-    trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=[PAD, UNK, CLS, SEP])
-    texts = [text for text in texts if text.strip()]
-    if not texts:
+    counts: Counter[str] = Counter()
+    for text in texts:
+        if text.strip():
+            normal = tokenizer.normalizer.normalize_str(text)
+            counts.update(word for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(normal))
+    if not counts:
         raise MammoInputError("no report text to learn a tokenizer from")
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    characters = sorted({c for word in counts for c in word} | set(string.ascii_lowercase + string.digits + string.punctuation))
+    pieces = [PAD, UNK, CLS, SEP] + characters + [f"##{c}" for c in characters]
+    words = sorted((w for w in counts if len(w) > 1), key=lambda w: (-counts[w], w))
+    pieces += words[:max(0, vocab_size - len(pieces))]
+    tokenizer.model = models.WordPiece({piece: i for i, piece in enumerate(pieces)}, unk_token=UNK)
+    tokenizer.add_special_tokens([PAD, UNK, CLS, SEP])  # never split, and dropped by decode
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{CLS} $A {SEP}", special_tokens=[(CLS, tokenizer.token_to_id(CLS)), (SEP, tokenizer.token_to_id(SEP))])
     return tokenizer

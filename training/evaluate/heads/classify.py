@@ -29,9 +29,7 @@ saves the best epoch so far.
 from __future__ import annotations
 
 import copy
-import signal
 import sys
-import threading
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -49,6 +47,7 @@ from training.labels import LabelledSet, read_labels, read_rows
 from training.evaluate.heads.loop import (Cancelled, FinetuneConfig, class_weights, encode, linear_epoch,
     run_epochs, standardise, torch_device, weighted_loss)
 from training.evaluate.metrics import classification_metrics, grouped_split
+from training.progress import sigterm_flag
 from training.runs import RunFolder
 
 
@@ -62,15 +61,9 @@ def finetune(checkpoint: str | Path | None, labels: str | Path, target: str, out
     """Train the head for ``target`` (a classifier; or the lesion heatmap for ``lesion_mask`` /
     ``lesions``) on ``checkpoint``'s encoder and save it in ``out``. SIGTERM (or ``should_stop()``)
     ends the run after the current batch, saving the best epoch so far. Returns the report."""
-    terminated: list[bool] = []
-    stop = lambda: bool(terminated) or bool(should_stop and should_stop())  # noqa: E731
-    installed = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda *_: terminated.append(True)) if installed else None
-    try:
+    with sigterm_flag() as terminated:
+        stop = lambda: terminated() or bool(should_stop and should_stop())  # noqa: E731
         return _finetune(checkpoint, labels, target, out, config, data, group, command, progress, stop)
-    finally:
-        if installed:
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 def _finetune(checkpoint, labels, target, out, config, data, group, command, progress, stop) -> dict[str, Any]:
