@@ -165,6 +165,14 @@ def test_attribute_maps_lie_on_the_image_grid(trained):
     clip = load_clip(trained)
     found = find(clip, open_image(SAMPLES / "exam" / "RCC.dcm"), "spiculated mass in the upper outer quadrant")
     assert found.scores.shape == found.prepared.grid
+    # the map reads the sentence against a normal breast: the sentence's own map, minus the reference's
+    from training.evaluate.attribute_maps import REFERENCE, map_direction
+
+    output = clip.encoder.run(found.prepared, attention="none")[0]
+    sentence = "spiculated mass in the upper outer quadrant"
+    expected = clip.patch_scores(output, map_direction(clip, sentence, None)) - \
+        clip.patch_scores(output, map_direction(clip, REFERENCE, None))
+    np.testing.assert_allclose(found.scores, expected, atol=1e-4)
     assert found.on_image().shape == found.prepared.image_shape
     assert set(found.probabilities) == {"density", "lesion_type"}
     assert abs(sum(found.probabilities["density"].values()) - 1) < 1e-3
@@ -183,7 +191,9 @@ def test_the_pointing_game_reports_clip_attention_and_random(trained):
     report = pointing_game(load_clip(trained), SAMPLES / "labels.csv", progress=False)
     assert report["images"] >= 1
     assert 0 <= report["random"] < 0.5
-    assert 0 <= report["clip"] <= 1 and 0 <= report["attention"] <= 1
+    for name in ("clip", "clip_without_reference", "attention"):
+        assert 0 <= report[name] <= 1
+    assert report["reference"].startswith("No mass")
     assert set(report["by_type"]) <= {"mass", "calc"}
 
 

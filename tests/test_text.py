@@ -82,3 +82,15 @@ def test_views_of_one_breast_are_positives_of_each_others_report():
     images.requires_grad_(True)
     clip_loss(images, texts, torch.tensor(0.1), breasts).backward()
     assert torch.isfinite(images.grad).all() and images.grad.abs().sum() > 0
+
+
+def test_the_same_reports_always_give_the_same_ids_and_unseen_words_still_split():
+    """tokenizers' own WordPiece trainer numbered pieces differently from run to run (hash-map order),
+    so a resumed CLIP run saw other ids; the vocabulary is now counted words plus characters."""
+    first, second = (train_tokenizer(REPORTS * 3, vocab_size=300) for _ in range(2))
+    assert first.get_vocab() == second.get_vocab()
+    pieces = first.encode("Spiculated microcalcifications!").tokens
+    assert pieces[0] == "[CLS]" and pieces[1] == "spiculated" and "[UNK]" not in pieces
+    assert "".join(p.removeprefix("##") for p in pieces[2:-2]) == "microcalcifications"
+    small = train_tokenizer(REPORTS, vocab_size=10)  # the limit keeps the characters, drops words
+    assert small.encode("mass").tokens[1:-1] == ["m", "##a", "##s", "##s"]

@@ -3,7 +3,9 @@ Ghosh et al. 2024, read from the model itself; see :mod:`training.ssl.clip`), an
 that measures them on phantoms.
 
 * :func:`find`: a sentence ("spiculated mass in the upper outer quadrant") on one image (a DBT slice)
-  -> the map of each patch's share of the image-sentence similarity, the sentence's similarity with the
+  -> the map of each patch's share of the image-sentence similarity beyond a normal breast's (the
+  sentence's text embedding minus that of ``REFERENCE``, "no mass or suspicious calcifications", so
+  what every breast shares, its density and tissue, cancels), the sentence's similarity with the
   image, and the zero-shot class probabilities of the default prompts' targets. What the viewer's text
   box and ``mammodino infer --find`` show.
 * :func:`pointing_game` (Zhang et al. 2018, "Top-down neural attention by excitation backprop"): the
@@ -26,6 +28,7 @@ from training.errors import MammoInputError
 
 # The sentence each phantom lesion type is looked for with (the report templates' wording).
 POINTING_SENTENCES = {"mass": "There is a mass.", "calc": "There are grouped calcifications."}
+REFERENCE = "No mass or suspicious calcifications are seen."  # a normal breast, what a map is read against
 SHOWN_TARGETS = ("density", "lesion_type")  # zero-shot probabilities `find` reports
 MIN_TISSUE = 0.5  # a patch counts as breast when at least this share of it is tissue
 
@@ -46,8 +49,16 @@ class Found:
         return self.prepared.to_image(self.scores)
 
 
+def map_direction(clip: Any, sentence: str, reference: str | None = REFERENCE) -> np.ndarray:
+    """The text direction a map reads: the sentence's embedding minus the reference's (None: the
+    sentence's own, which mostly maps what the sentence shares with every breast)."""
+    texts = [sentence] if reference is None else [sentence, reference]
+    embeddings = clip.text_embeddings(texts)
+    return embeddings[0] if reference is None or sentence.strip() == reference else embeddings[0] - embeddings[1]
+
+
 def find(clip: Any, image: Any, sentence: str, frame: int | None = None, resolution: int | None = None,
-         targets: Sequence[str] = SHOWN_TARGETS) -> Found:
+         targets: Sequence[str] = SHOWN_TARGETS, reference: str | None = REFERENCE) -> Found:
     """The attribute map of ``sentence`` on ``image`` (a MammoImage or an array, see
     :func:`training.evaluate.encoder.prepare_image`); an empty sentence is one line."""
     from training.evaluate.zeroshot import DEFAULT_PROMPTS, class_embeddings
@@ -63,7 +74,8 @@ def find(clip: Any, image: Any, sentence: str, frame: int | None = None, resolut
         if isinstance(table, dict):
             p = clip.probabilities(embedding, class_embeddings(clip, table))[0]
             probabilities[target] = {name: round(float(v), 4) for name, v in zip(table, p)}
-    return Found(sentence, prepared, clip.patch_scores(output, text), float(embedding[0] @ text), probabilities)
+    scores = clip.patch_scores(output, map_direction(clip, sentence, reference))
+    return Found(sentence, prepared, scores, float(embedding[0] @ text), probabilities)
 
 
 def patch_coverage(mask: np.ndarray, prepared: Any) -> np.ndarray:
@@ -88,7 +100,8 @@ def pointing_game(clip: Any, labels: str | Path, sentences: Mapping[str, str] | 
                   resolution: int | None = None, max_images: int | None = None,
                   progress: bool = True) -> dict[str, Any]:
     """The pointing game on a phantom labels CSV (``lesion_type`` and ``lesion_mask`` columns): for each
-    lesion image, the map of its type's sentence, the mean last-layer attention and a random peak."""
+    lesion image, the map of its type's sentence (read against :data:`REFERENCE`, and without it), the
+    mean last-layer attention and a random peak."""
     from tqdm import tqdm
 
     from training.dicom.io import open_image
@@ -106,9 +119,10 @@ def pointing_game(clip: Any, labels: str | Path, sentences: Mapping[str, str] | 
         rows = rows[:max_images]
     if not rows:
         raise MammoInputError(f"{labels.name}: no image with a lesion of type {', '.join(sentences)}")
-    texts = dict(zip(sentences, clip.text_embeddings(list(sentences.values()))))
+    directions = {kind: map_direction(clip, text) for kind, text in sentences.items()}
+    plain = {kind: map_direction(clip, text, None) for kind, text in sentences.items()}
     start = time.perf_counter()
-    hits = {"clip": [], "attention": []}
+    hits = {"clip": [], "clip_without_reference": [], "attention": []}
     chance, kinds = [], []
     for row in tqdm(rows, desc="pointing", unit="image", disable=not progress):
         prepared = clip.encoder.prepare_image(open_image(labels.parent / row["path"]), resolution=resolution)
@@ -120,7 +134,8 @@ def pointing_game(clip: Any, labels: str | Path, sentences: Mapping[str, str] | 
             continue  # the lesion lies outside the encoder's crop or off the breast patches
         kind = row["lesion_type"].strip()
         kinds.append(kind)
-        hits["clip"].append(_peak_hits(clip.patch_scores(output, texts[kind]), breast, lesion))
+        hits["clip"].append(_peak_hits(clip.patch_scores(output, directions[kind]), breast, lesion))
+        hits["clip_without_reference"].append(_peak_hits(clip.patch_scores(output, plain[kind]), breast, lesion))
         if output.attention is not None:
             hits["attention"].append(_peak_hits(output.attention.mean(0), breast, lesion))
         chance.append(float((lesion & breast).sum() / breast.sum()))
@@ -128,16 +143,16 @@ def pointing_game(clip: Any, labels: str | Path, sentences: Mapping[str, str] | 
         raise MammoInputError(f"{labels.name}: no lesion falls on the breast patches the encoder sees")
     kinds_arr = np.asarray(kinds)
     report: dict[str, Any] = {"labels": str(labels), "images": len(kinds), "sentences": sentences,
+                              "reference": REFERENCE,
                               "random": round(float(np.mean(chance)), 4)}
     for name, values in hits.items():
         report[name] = round(float(np.mean(values)), 4) if values else None
-    report["by_type"] = {
-        kind: {"images": int((kinds_arr == kind).sum()),
-               "clip": round(float(np.mean(np.asarray(hits["clip"])[kinds_arr == kind])), 4),
-               "attention": (round(float(np.mean(np.asarray(hits["attention"])[kinds_arr == kind])), 4)
-                             if hits["attention"] else None),
-               "random": round(float(np.mean(np.asarray(chance)[kinds_arr == kind])), 4)}
-        for kind in sorted(set(kinds))}
+    def share(values: list, kind: str) -> float | None:
+        return round(float(np.mean(np.asarray(values)[kinds_arr == kind])), 4) if values else None
+
+    report["by_type"] = {kind: {"images": int((kinds_arr == kind).sum()), **{name: share(v, kind) for name, v in
+                                                                           hits.items()}, "random": share(chance, kind)}
+                         for kind in sorted(set(kinds))}
     report["model"] = clip.describe()["source"]
     report["seconds"] = round(time.perf_counter() - start, 2)
     return report

@@ -218,10 +218,13 @@ def clip_card(meta: dict[str, Any], path: str | Path) -> str:
     p = evaluation["pointing_game"]
     lines += ["", f"**Attribute maps: the pointing game** ({p['images']} lesion images; a hit when the map's peak "
                   f"over the breast falls on a patch holding lesion pixels; sentences {p['sentences']}):", "",
-              "| lesions | images | attribute map | last-layer attention | random peak |", "|---|---|---|---|---|",
-              f"| all | {p['images']} | {_num(p['clip'])} | {_num(p['attention'])} | {_num(p['random'])} |"]
+              f"| lesions | images | attribute map (against \"{p.get('reference')}\") | the sentence's own map | "
+              "last-layer attention | random peak |", "|---|---|---|---|---|---|",
+              f"| all | {p['images']} | {_num(p['clip'])} | {_num(p.get('clip_without_reference'))} | "
+              f"{_num(p['attention'])} | {_num(p['random'])} |"]
     for kind, r in p["by_type"].items():
-        lines.append(f"| {kind} | {r['images']} | {_num(r['clip'])} | {_num(r['attention'])} | {_num(r['random'])} |")
+        lines.append(f"| {kind} | {r['images']} | {_num(r['clip'])} | {_num(r.get('clip_without_reference'))} | "
+                     f"{_num(r['attention'])} | {_num(r['random'])} |")
     lines += ["", "**What it does not know.**", ""] + [f"- {item}" for item in meta["limitations"]]
     lines += ["", f"Remake: `{meta['remake']}`", ""]
     return "\n".join(lines)
