@@ -53,7 +53,8 @@ def image_layer(image: MammoImage, placement: Placement | None = None) -> tuple[
         kwargs.update(scale=meta.spacing_mm, units="mm")
     if meta.is_volume:
         kwargs["axis_labels"] = ("slice", "y", "x")
-    data = FrameStack(image, _chain(steps) if steps else None, dtype)
+    # Decoded off the Qt thread, the next slices read ahead as the user scrolls (training.lazy).
+    data = FrameStack.for_viewer(image, _chain(steps) if steps else None, dtype)
     return data, kwargs, "image"
 
 

@@ -64,18 +64,42 @@ def test_sigmoid_window_is_drawn_as_dicom_defines_it(make_napari_viewer, tmp_pat
     np.testing.assert_allclose(drawn, expected, atol=2e-3)
 
 
-def test_dbt_decodes_only_the_slice_shown(make_napari_viewer, tmp_path, decoded):
+def test_dbt_decodes_the_slice_shown_first_off_the_qt_thread_then_reads_ahead(make_napari_viewer, tmp_path,
+                                                                              monkeypatch):
+    import threading
+
+    import training.dicom.image
+
+    decoded, threads = [], set()
+    original = training.dicom.image.FrameSource.read
+
+    def spy(self, index):
+        decoded.append(index)
+        threads.add(threading.current_thread().name)
+        return original(self, index)
+
+    monkeypatch.setattr(training.dicom.image.FrameSource, "read", spy)
     path = write_enhanced_dbt(tmp_path / "dbt", labelled_volume(60), window=(3000, 6000),
                               spacing=(0.1, 0.1), slice_spacing=1.0)
     viewer = make_napari_viewer()
     (layer,) = viewer.open(str(path), plugin=PLUGIN)
     shown = viewer.dims.current_step[0]
-    assert decoded == [shown]
-    assert layer.visible and layer.ndim == 3
+    assert decoded[:1] == [shown]  # nothing decoded before the slice on screen
+    assert layer.visible and layer.ndim == 3 and layer.data.keep == 8
     assert tuple(layer.scale) == pytest.approx((1.0, 0.1, 0.1))
-    viewer.dims.set_current_step(0, 7)
-    assert decoded == [shown, 7]
+    assert layer.data.settle(timeout=60)
+    assert sorted(decoded) == list(range(shown - 3, shown + 4))  # 6 ahead, both ways before any move
+
+    decoded.clear()
+    viewer.dims.set_current_step(0, 7)  # a jump back: slice 7 now, then 6, 5, ... read ahead
+    assert decoded[:1] == [7]
     assert int(np.asarray(layer._slice.image.raw).min()) // 100 == 7  # slice 7 is the one on screen
+    assert layer.data.settle(timeout=60) and sorted(decoded) == [1, 2, 3, 4, 5, 6, 7]
+    decoded.clear()
+    viewer.dims.set_current_step(0, 6)  # scrolling on: the slice is ready, one more is read ahead
+    assert int(np.asarray(layer._slice.image.raw).min()) // 100 == 6
+    assert layer.data.settle(timeout=60) and decoded == [0]
+    assert threads == {"mammodino-planes"}  # never on the Qt thread
 
 
 def test_shuffled_series_folder_opens_as_a_volume_in_position_order(make_napari_viewer, tmp_path):
@@ -100,3 +124,38 @@ def test_claimed_but_unreadable_file_notifies_and_napari_goes_on(make_napari_vie
     assert len(messages) == 1 and "shorter than the header says" in messages[0]
     ok = write_ffdm(tmp_path / "ok.dcm", ramp((64, 48)))
     assert len(viewer.open(str(ok), plugin=PLUGIN)) == 1  # and the viewer still works
+
+
+def test_a_dropped_dbt_series_folder_opens_with_ours_once_it_is_the_preferred_reader(
+        make_napari_viewer, tmp_path, monkeypatch):
+    """napari's builtins also claim folders and .dcm files, so a drop asks which reader to use until
+    a preference says ours (the README's recipe); then the drop opens the series with ours, no dialog."""
+    from napari.errors import MultipleReaderError
+    from napari.settings import get_settings
+    from qtpy.QtCore import QMimeData, QPointF, Qt, QUrl
+    from qtpy.QtGui import QDropEvent
+
+    import napari._qt.qt_viewer
+
+    series = tmp_path / "exam" / "RCC_dbt"
+    write_slice_series(series, labelled_volume(8), slice_spacing=1.5)
+    viewer = make_napari_viewer()
+    with pytest.raises(MultipleReaderError):  # without the preference napari must ask
+        viewer.open(str(series), plugin=None)  # None: what a drop does (the default is napari's builtins)
+
+    def asked(*args, **kwargs):
+        raise AssertionError("napari asked which reader to use")
+
+    monkeypatch.setattr(napari._qt.qt_viewer, "handle_gui_reading", asked)
+    settings = get_settings().plugins
+    monkeypatch.setattr(settings, "extension2reader",
+                        {**settings.extension2reader, "*.dcm": PLUGIN, f"{tmp_path}/exam/*/": PLUGIN})
+    mime = QMimeData()
+    mime.setUrls([QUrl.fromLocalFile(str(series))])
+    drop = QDropEvent(QPointF(5, 5), Qt.DropAction.CopyAction, mime, Qt.MouseButton.LeftButton,
+                      Qt.KeyboardModifier.NoModifier)
+    viewer.window._qt_viewer.dropEvent(drop)
+    (layer,) = viewer.layers
+    assert layer.data.shape == (8, 64, 48) and type(layer.data).__name__ == "FrameStack"
+    assert tuple(layer.scale) == pytest.approx((1.5, 0.1, 0.1))
+    assert layer.data.settle(timeout=60)

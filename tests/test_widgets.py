@@ -99,12 +99,15 @@ def test_tissue_of_a_dbt_is_segmented_per_slice_on_demand_or_all_at_once(make_na
     widget = TissueWidget(viewer)
     widget.image.value = image
     source = source_of(image)
-    layer = widget.compute()  # current slice only
-    assert source.computed() == [4] and widget.summary.slices == [4] and "slice 4" in widget.stats.value
+    layer = widget.compute()  # current slice only (the layer then reads its neighbours ahead)
+    assert source.computed()[:1] == [4] or 4 in source.computed()
+    assert widget.summary.slices == [4] and "slice 4" in widget.stats.value
     assert layer.data.shape == volume.shape
     same_grid(layer, image)
     viewer.dims.set_point(0, image.data_to_world([1, 0, 0])[0])  # scrolling segments the slice shown
-    assert source.computed() == [1, 4] and "slice 1" in widget.stats.value
+    assert 1 in source.computed() and "slice 1" in widget.stats.value
+    assert layer.data.settle(timeout=60)  # read ahead off the Qt thread, towards slice 0 once scrolled down
+    assert {0, 1, 4} <= set(source.computed())  # (read-ahead of slice 4 not yet begun was dropped)
     for i in (1, 4):  # each slice's own outline
         mask = np.asarray(layer.data[i]).astype(bool)
         assert np.logical_and(mask, truth[i]).sum() / np.logical_or(mask, truth[i]).sum() > 0.9

@@ -1,19 +1,51 @@
-"""Lazy slice stacks for viewers: a volume's planes computed when first shown, a few kept.
+"""Lazy slice stacks for viewers: a volume's planes computed when first shown, a few kept, the next
+ones read ahead in the direction of scrolling.
 
 :class:`LazyStack` is the one such array: image frames (:class:`FrameStack`), attention maps per DBT
 slice (``training.evaluate.infer.LazyAttentionStack``) and tissue or sampler masks per slice (the
-napari widgets' ``LazyPlanes``) are all this class with their own per-plane function."""
+napari widgets' ``LazyPlanes``) are all this class with their own per-plane function.
+
+With ``prefetch`` a stack computes on a small shared pool of background threads (:class:`PlanePool`),
+never on the thread that indexes it (napari's): the plane asked for first, then the next ones in the
+direction the viewer last moved, nearest first. A jump cancels read-ahead that has not started. The
+planes kept are bounded in number (``keep``) and in MB (``max_mb``); when full, the plane farthest from
+the one shown that is not being read ahead goes first."""
 
 from __future__ import annotations
 
+import atexit
+import heapq
+import itertools
+import os
 import threading
+import time
 from collections import OrderedDict
+from concurrent.futures import CancelledError, Future, wait
 from pathlib import Path
 from typing import Any, Callable, Hashable
 
 import numpy as np
 
-from training.dicom.image import MammoImage
+from training.errors import MammoInputError
+from training.dicom.image import MammoImage, one_thread_per_decode
+
+CACHE_FRAMES = 8  # planes a viewer's stack keeps: the one shown, one behind, the rest read ahead
+CACHE_MB = 256.0  # ... and never more than this, whatever the planes' size
+POOL_THREADS = 2  # one always free for the plane the viewer waits for, one reading ahead on every core
+
+
+def cache_settings() -> tuple[int, float]:
+    """(planes, MB) a viewer's stack keeps: :data:`CACHE_FRAMES` and :data:`CACHE_MB`, or the
+    environment's ``MAMMODINO_SLICE_CACHE`` (planes) and ``MAMMODINO_SLICE_CACHE_MB``."""
+    planes, mb = os.environ.get("MAMMODINO_SLICE_CACHE", ""), os.environ.get("MAMMODINO_SLICE_CACHE_MB", "")
+    try:
+        found = (int(planes) if planes.strip() else CACHE_FRAMES, float(mb) if mb.strip() else CACHE_MB)
+    except ValueError:
+        found = (0, 0.0)
+    if found[0] < 1 or not found[1] > 0:
+        raise MammoInputError(f"MAMMODINO_SLICE_CACHE={planes!r} / MAMMODINO_SLICE_CACHE_MB={mb!r}: "
+                              "expected a whole number of planes >= 1 and a number of MB > 0")
+    return found
 
 
 class LRU:
@@ -43,24 +75,243 @@ class LRU:
                 self._items.popitem(last=False)
 
 
+class PlaneCache:
+    """A stack's planes by index, at most ``size``. When full, the plane to go is the one farthest
+    from ``focus`` (the plane shown) among those outside ``wanted`` (the read-ahead window), else the
+    farthest of all but the focus; a plane that would go at once is not kept at all."""
+
+    def __init__(self, size: int):
+        self.size = max(1, int(size))
+        self.focus = 0
+        self.wanted: frozenset[int] = frozenset()
+        self._planes: OrderedDict[int, np.ndarray] = OrderedDict()  # oldest first: ties go oldest first
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._planes)
+
+    def __contains__(self, index: int) -> bool:
+        return index in self._planes
+
+    def indices(self) -> list[int]:
+        with self._lock:
+            return sorted(self._planes)
+
+    def nbytes(self) -> int:
+        with self._lock:
+            return sum(p.nbytes for p in self._planes.values())
+
+    def get(self, index: int) -> np.ndarray | None:
+        with self._lock:
+            found = self._planes.get(index)
+            if found is not None:
+                self._planes.move_to_end(index)
+            return found
+
+    def put(self, index: int, plane: np.ndarray) -> None:
+        with self._lock:
+            self._planes[index] = plane
+            self._planes.move_to_end(index)
+            while len(self._planes) > self.size:
+                del self._planes[max(self._planes, key=self._badness)]
+
+    def refocus(self, focus: int, wanted: frozenset[int]) -> None:
+        with self._lock:
+            self.focus, self.wanted = focus, wanted
+
+    def _badness(self, index: int) -> tuple[int, int]:
+        if index == self.focus:
+            return (-1, 0)
+        return (int(index not in self.wanted), abs(index - self.focus))
+
+
+class PlanePool:
+    """A few daemon threads that compute planes for lazy stacks, off the thread that asks.
+
+    Work waits in a priority queue: a plane a viewer waits for (priority 0) before read-ahead (1, 2,
+    ...: its rank in the window). At most ``threads - 1`` workers read ahead at once, so one is always
+    free for a plane someone waits for, and no read-ahead starts while such a plane is computed (it
+    gets every core: a JPEG 2000 frame decodes on several threads). With the default two threads one
+    frame is read ahead at a time on every core: as fast on two cores as two frames a core each, and
+    the memory of one decoder, not two. With more, each read-ahead decodes on one thread. Queued work
+    can be cancelled (its Future's ``cancel``); work that has started finishes. Workers start on
+    demand and exit after ``idle_s`` without work, so an unused pool holds no thread; they are
+    daemons and :meth:`close` (run at exit for the shared pool) drops queued work, so the interpreter
+    never waits for read-ahead."""
+
+    def __init__(self, threads: int | None = None, idle_s: float = 10.0):
+        self.threads, self.idle_s = max(2, int(threads or POOL_THREADS)), idle_s
+        self._queue: list[tuple[int, int, Future, Callable[[], Any]]] = []
+        self._order = itertools.count()
+        self._cond = threading.Condition()
+        self._workers: set[threading.Thread] = set()
+        self._idle = 0
+        self._ahead = 0  # read-ahead tasks running
+        self._waited = 0  # tasks someone waits for, running
+        self._closed = False
+
+    def submit(self, work: Callable[[], Any], priority: int = 0) -> Future:
+        future: Future = Future()
+        with self._cond:
+            closed = self._closed
+            if not closed:
+                heapq.heappush(self._queue, (priority, next(self._order), future, work))
+                if self._idle < len(self._queue) and len(self._workers) < self.threads:
+                    self._start_worker()
+                self._cond.notify()
+        if closed:  # at exit: nothing new runs
+            future.cancel()
+        return future
+
+    def warm(self) -> None:
+        """Start a worker now, if none is running, so the first plane asked for does not wait for a
+        thread to start (a viewer makes its stack some milliseconds before it asks for a slice)."""
+        with self._cond:
+            if not self._workers and not self._closed:
+                self._start_worker()
+
+    def _start_worker(self) -> None:
+        worker = threading.Thread(target=self._work, name="mammodino-planes", daemon=True)
+        self._workers.add(worker)
+        worker.start()
+
+    def workers(self) -> list[threading.Thread]:
+        with self._cond:
+            return list(self._workers)
+
+    def close(self, wait: bool = True, timeout: float | None = 10.0) -> None:
+        """Cancel queued work, let running work finish, stop the threads (joined when `wait`)."""
+        with self._cond:
+            self._closed = True
+            queued = [future for _, _, future, _ in self._queue]
+            self._queue.clear()
+            workers = list(self._workers)
+            self._cond.notify_all()
+        for future in queued:  # outside the lock: a Future's cancel runs callbacks that may submit
+            future.cancel()
+        if wait:
+            for worker in workers:
+                if worker is not threading.current_thread():
+                    worker.join(timeout)
+
+    def _next(self) -> tuple[int, Future, Callable[[], Any]] | None:
+        """The most urgent runnable task (cancelled ones are dropped), or None. Caller holds the lock."""
+        while self._queue and self._queue[0][2].cancelled():
+            heapq.heappop(self._queue)
+        if not self._queue or (self._queue[0][0] > 0 and (self._waited or self._ahead >= self.threads - 1)):
+            return None
+        priority, _, future, work = heapq.heappop(self._queue)
+        return priority, future, work
+
+    def _work(self) -> None:
+        _WORKER.active = True
+        while True:
+            task = self._take()
+            if task is None:
+                return
+            self._run(*task)
+            del task  # nothing of a finished task (its plane) stays alive on an idle worker
+
+    def _take(self) -> tuple[int, Future, Callable[[], Any]] | None:
+        """The next task for this worker, waiting for one; None when it should end (closed, or idle)."""
+        me = threading.current_thread()
+        with self._cond:
+            task = self._next()
+            while task is None:
+                if self._closed:
+                    self._workers.discard(me)
+                    return None
+                self._idle += 1
+                woken = self._cond.wait(self.idle_s)
+                self._idle -= 1
+                task = self._next()
+                if task is None and not woken and not self._queue:
+                    self._workers.discard(me)
+                    return None
+            if task[0] > 0:
+                self._ahead += 1
+            else:
+                self._waited += 1
+            return task
+
+    def _run(self, priority: int, future: Future, work: Callable[[], Any]) -> None:
+        try:
+            if future.set_running_or_notify_cancel():
+                try:
+                    if priority > 0 and self.threads > 2:
+                        with one_thread_per_decode():  # several read ahead at once: a core each
+                            result = work()
+                    else:
+                        result = work()
+                except BaseException as exc:  # noqa: BLE001 - handed to whoever waits
+                    future.set_exception(exc)
+                else:
+                    future.set_result(result)
+        finally:
+            with self._cond:
+                if priority > 0:
+                    self._ahead -= 1
+                else:
+                    self._waited -= 1
+                self._cond.notify_all()
+
+
+_WORKER = threading.local()
+_SHARED: list[PlanePool] = []
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_pool() -> PlanePool:
+    """The pool every viewer stack uses unless given its own (made on first use, closed at exit)."""
+    with _SHARED_LOCK:
+        if not _SHARED:
+            _SHARED.append(PlanePool())
+            atexit.register(_SHARED[0].close, wait=False)
+        return _SHARED[0]
+
+
+def in_pool_worker() -> bool:
+    """True on a pool's thread: a plane asked for there is computed there (waiting on the pool from
+    inside it could leave no worker free)."""
+    return getattr(_WORKER, "active", False)
+
+
 class LazyStack:
     """A read-only numpy-style array whose planes ``plane(i)`` computes when they are first indexed.
 
     ``shape`` is (planes, rows, cols[, channels]), or (rows, cols) for a single plane (a 2D image:
-    ``plane(0)`` is the whole array). Indexing computes only the planes it touches and keeps the last
-    ``keep`` of them (napari shows one slice at a time), so a layer over a 60-slice volume costs the
-    slices the user looks at. ``plane(i)`` may return None: not ready yet (computed elsewhere), shown
-    as zeros and not kept, so the next read asks again. With ``deferred`` a bare int index gives a
-    :class:`DeferredPlane`, computed only when its values are read: napari reads ``data[0].dtype``
-    when it makes a Labels layer, which must not compute a slice nobody looks at."""
+    ``plane(0)`` is the whole array). Indexing computes only the planes it touches and keeps ``keep``
+    of them (at most ``max_mb`` MB), so a layer over a 60-slice volume costs the slices the user looks
+    at. ``plane(i)`` may return None: not ready yet (computed elsewhere), shown as zeros and not kept,
+    so the next read asks again. With ``deferred`` a bare int index gives a :class:`DeferredPlane`,
+    computed only when its values are read: napari reads ``data[0].dtype`` when it makes a Labels
+    layer, which must not compute a slice nobody looks at.
+
+    With ``prefetch`` planes are computed on ``pool`` (default :func:`shared_pool`), never on the
+    indexing thread, and after each plane the next ``keep - 2`` in the direction of the last move (both
+    ways before any move) are read ahead; one plane behind stays. :meth:`close` cancels what is queued."""
 
     def __init__(self, shape: tuple[int, ...], dtype: Any, plane: Callable[[int], np.ndarray | None],
-                 keep: int = 1, deferred: bool = False):
+                 keep: int = 1, deferred: bool = False, *, prefetch: bool = False, max_mb: float | None = None,
+                 pool: PlanePool | None = None):
         self.shape: tuple[int, ...] = tuple(int(n) for n in shape)
         self.ndim = len(self.shape)
         self.dtype = np.dtype(dtype)
         self._compute, self._deferred = plane, deferred
-        self._cache = LRU(keep)
+        plane_bytes = max(1, int(np.prod(self.plane_shape)) * self.dtype.itemsize)
+        if max_mb is not None:
+            keep = min(keep, int(max_mb * 2**20 // plane_bytes))
+        self.keep = max(1, int(keep))
+        self._cache = PlaneCache(self.keep)
+        self._prefetch = prefetch  # computed on the pool (a 2D image too: it has nothing to read ahead)
+        self._pool = pool
+        self._pending: dict[int, Future] = {}
+        self._lock = threading.RLock()  # a Future's cancel runs its callbacks (which take it) at once
+        self._shown: int | None = None
+        self._step = 0  # +1 or -1: the direction of the last move; 0 before any
+        self._scheduling = 0  # read-ahead to be queued by a worker once the plane it computes is handed over
+        volume = self.ndim >= 3 and self.shape[0] > 1
+        self.ahead = 0 if not volume else max(0, self.keep - 2) if self.keep > 2 else self.keep - 1
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -72,18 +323,130 @@ class LazyStack:
     def plane_shape(self) -> tuple[int, ...]:
         return self.shape if self.ndim == 2 else self.shape[1:]
 
+    def cached(self) -> list[int]:
+        """Indices of the planes kept now."""
+        return self._cache.indices()
+
+    def pending(self) -> list[int]:
+        """Indices of the planes queued or being computed in the background now."""
+        with self._lock:
+            return sorted(i for i, f in self._pending.items() if not f.done())
+
+    def is_ready(self, index: int) -> bool:
+        """True when plane ``index`` is kept: reading it now waits for nothing."""
+        return index in self._cache
+
     def plane(self, index: int) -> np.ndarray:
         """Plane ``index`` (read-only), from the cache or computed now (zeros while not ready)."""
+        if not self._prefetch:
+            self._cache.refocus(index, frozenset())
+            found = self._cache.get(index)
+            return found if found is not None else self._keep(index, self._compute(index), index)
+        self._move_to(index)
         found = self._cache.get(index)
-        if found is not None:
+        if found is not None or in_pool_worker():
+            if found is None:
+                found = self._keep(index, self._compute(index), index)
+            self._read_ahead(index)
             return found
-        values = self._compute(index)
+        try:  # the worker queues the read-ahead once the plane is there: not on this thread's time
+            found = self._wanted_now(index).result()
+        except CancelledError:  # the pool was closed (at exit): compute here
+            found = self._keep(index, self._compute(index), index)
+            self._read_ahead(index)
+        return found if found is not None else np.zeros(self.plane_shape, self.dtype)
+
+    def settle(self, timeout: float | None = None) -> bool:
+        """Wait until nothing of this stack is queued, computing or about to be read ahead (True), or
+        ``timeout`` s (False)."""
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._lock:
+                futures, scheduling = [f for f in self._pending.values() if not f.done()], self._scheduling
+            left = None if end is None else end - time.monotonic()
+            if not futures and not scheduling:
+                return True
+            if left is not None and left <= 0:
+                return False
+            if futures:
+                wait(futures, left)
+            else:
+                time.sleep(0.001)
+
+    def close(self) -> None:
+        """Cancel this stack's queued read-ahead (what is running finishes)."""
+        with self._lock:
+            for future in self._pending.values():
+                future.cancel()
+
+    def _keep(self, index: int, values: np.ndarray | None, shown: int | None) -> np.ndarray | None:
+        """``values`` read-only and cached; None (not ready) stays None and is not kept."""
         if values is None:
-            return np.zeros(self.plane_shape, self.dtype)
+            return np.zeros(self.plane_shape, self.dtype) if shown is not None else None
         values = np.asarray(values, dtype=self.dtype).view()  # a view: the caller's array stays writeable
         values.flags.writeable = False  # shared with later readers of the cache
         self._cache.put(index, values)
         return values
+
+    def _window(self, index: int) -> list[int]:
+        """The planes to read ahead of ``index``, nearest first."""
+        n, step = self.shape[0], self._step
+        if step:
+            ahead = [index + step * k for k in range(1, self.ahead + 1)]
+        else:  # no move yet: both ways
+            ahead = [index + sign * k for k in range(1, self.ahead + 1) for sign in (1, -1)]
+        return [i for i in ahead if 0 <= i < n][:self.ahead]
+
+    def _move_to(self, index: int) -> None:
+        """The viewer shows ``index`` now: note the direction, refocus the cache, cancel stale work."""
+        with self._lock:
+            if self._shown is not None and index != self._shown:
+                self._step = 1 if index > self._shown else -1
+            self._shown = index
+            wanted = frozenset(self._window(index))
+            self._cache.refocus(index, wanted)
+            for i, future in list(self._pending.items()):
+                if i != index and i not in wanted and not getattr(future, "waited_for", False):
+                    future.cancel()  # only if it has not started; its callback forgets it
+
+    def _submit(self, index: int, priority: int) -> Future:
+        """Compute plane ``index`` on the pool (caller holds the lock)."""
+        pool = self._pool or shared_pool()
+        future = pool.submit(lambda: self._keep(index, self._compute(index), None), priority)
+        self._pending[index] = future
+        future.add_done_callback(lambda done: self._forget(index, done))
+        return future
+
+    def _forget(self, index: int, done: Future) -> None:
+        with self._lock:
+            if self._pending.get(index) is done:
+                del self._pending[index]
+
+    def _wanted_now(self, index: int) -> Future:
+        """The Future of plane ``index``: its read-ahead if that has started, else a task that goes
+        before all read-ahead."""
+        with self._lock:
+            future = self._pending.get(index)
+            if future is None or not (future.running() or future.done()):
+                if future is not None:
+                    future.cancel()
+                future = self._submit(index, 0)
+                future.waited_for = True  # type: ignore[attr-defined]  # a move elsewhere leaves it alone
+            self._scheduling += 1
+        future.add_done_callback(lambda _: self._read_ahead(index, after_result=True))
+        return future
+
+    def _read_ahead(self, index: int, after_result: bool = False) -> None:
+        if after_result:  # on the worker that just handed plane `index` over: let the waiting thread
+            time.sleep(0)  # take the GIL first (else it waits while this one queues and starts work)
+        with self._lock:
+            if after_result:
+                self._scheduling -= 1
+            if self._shown != index:  # the viewer moved on while this plane was computed
+                return
+            for rank, i in enumerate(self._window(index), 1):
+                if i not in self._cache and i not in self._pending:
+                    self._submit(i, rank)
 
     def __getitem__(self, key: Any) -> Any:
         if self.ndim == 2:
@@ -123,17 +486,25 @@ class DeferredPlane:
 class FrameStack(LazyStack):
     """An image's frames as a read-only numpy-style array, for viewers.
 
-    Indexing decodes only the frames it touches and keeps the last `keep` of them (one: napari
-    shows one slice of a volume at a time), so resident memory stays a few frames whatever the
-    volume. `transform(values, frame)` (a per-frame VOI, a mirror) runs once per decoded frame.
-    napari indexes this rather than the dask array: dask costs
-    about 4 ms per compute, more than reading a whole uncompressed frame, which made it the larger
-    part of showing or scrolling to a slice. Pipelines keep using ``MammoImage.data``."""
+    Indexing decodes only the frames it touches and keeps the last `keep` of them, so resident memory
+    stays a few frames whatever the volume. `transform(values, frame)` (a per-frame VOI, a mirror)
+    runs once per decoded frame. napari indexes this rather than the dask array: dask costs about
+    4 ms per compute, more than reading a whole uncompressed frame, which made it the larger part of
+    showing or scrolling to a slice. Pipelines keep using ``MammoImage.data``. :meth:`for_viewer`
+    makes the stack a viewer scrolls: decoded off its thread, read ahead, :func:`cache_settings` kept."""
 
     def __init__(self, image: MammoImage, transform: Callable[[np.ndarray, int], np.ndarray] | None = None,
-                 dtype: Any = None, keep: int = 1):
+                 dtype: Any = None, keep: int = 1, **options: Any):
         self._image, self._transform = image, transform
-        super().__init__(image.data.shape, dtype or image.data.dtype, self._decode, keep)
+        super().__init__(image.shape, dtype or image.dtype, self._decode, keep, **options)
+
+    @classmethod
+    def for_viewer(cls, image: MammoImage, transform: Callable[[np.ndarray, int], np.ndarray] | None = None,
+                   dtype: Any = None, pool: PlanePool | None = None) -> "FrameStack":
+        planes, mb = cache_settings()
+        pool = pool or shared_pool()
+        pool.warm()
+        return cls(image, transform, dtype, keep=planes, max_mb=mb, prefetch=True, pool=pool)
 
     @property
     def image(self) -> MammoImage:

@@ -20,7 +20,7 @@ from magicgui.widgets import ComboBox, Container, Label, ProgressBar, PushButton
 from napari.layers import Labels
 from napari.utils.colormaps import DirectLabelColormap
 
-from training.lazy import LazyStack
+from training.lazy import LazyStack, cache_settings
 from training.progress import Steps, run_steps
 
 from napari_mammodino._sources import ImagePicker, ImageSource
@@ -37,10 +37,12 @@ SCOPES = ("current slice", "all slices")
 class LazyPlanes(LazyStack):
     """A read-only (slices, rows, cols) mask stack whose planes come from ``plane(i)`` when first
     indexed (:class:`training.lazy.LazyStack`); a bare int index computes nothing until read, since
-    napari reads ``layer.data[0].dtype`` when it makes a Labels layer."""
+    napari reads ``layer.data[0].dtype`` when it makes a Labels layer. Like the image it lies on, it
+    is computed off the Qt thread and read ahead in the direction of scrolling."""
 
     def __init__(self, shape: tuple[int, int, int], dtype: Any, plane: Callable[[int], np.ndarray]):
-        super().__init__(shape, dtype, plane, deferred=True)
+        planes, mb = cache_settings()
+        super().__init__(shape, dtype, plane, keep=planes, deferred=True, prefetch=True, max_mb=mb)
 
 
 # --- the computation ----------------------------------------------------------------------------

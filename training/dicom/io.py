@@ -1,8 +1,10 @@
 """Open mammograms and tomosynthesis volumes lazily: a DICOM file, a per-slice series folder, an exam.
 
-Opening reads headers only. Each image becomes a dask array with one chunk per frame; computing a
-chunk seeks to that frame's bytes and decodes just them with pydicom 3's per-frame decoder
-(``Decoder.as_array(file, index=i)``). Values are modality values (rescale applied); display
+Opening reads headers only (per-frame functional groups as frames are asked for, see
+:mod:`training.dicom.frame_groups`). Each image becomes a dask array with one chunk per frame (made on
+first use); computing a chunk seeks to that frame's bytes and decodes just them: uncompressed frames
+straight into an array, one-fragment-per-frame JPEG 2000 by imagecodecs (it releases the GIL), the
+rest with pydicom 3's per-frame decoder (``Decoder.as_array(file, index=i)``). Values are modality values (rescale applied); display
 (VOI window/LUT, MONOCHROME1 inversion) lives in :mod:`training.dicom.display`.
 
 Every header value that sizes work is checked against the file before anything is allocated, so a
@@ -23,9 +25,12 @@ from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from training.errors import MammoInputError
-from training.dicom.metadata import (DBT_SOP_CLASSES, build_meta, laterality_of, rescale_of,
+from training.dicom.frame_groups import value_of
+from training.dicom.metadata import (DBT_SOP_CLASSES, build_meta, frame_rescales, laterality_of,
     slice_normal, view_of, windows_of)
-from training.dicom.image import FrameRef, FrameSource, MAX_FRAMES, MAX_FRAME_PIXELS, MAX_SIDE, MammoImage, lazy_stack
+from training.dicom.raster import is_raster_file, open_raster
+from training.dicom.image import (FrameRef, FrameRefs, FrameSource, MAX_FRAMES, MAX_FRAME_PIXELS, MAX_SIDE,
+    MammoImage, lazy_stack, stack_shape)
 
 
 MAX_FILES = 5000  # in one folder scan
@@ -83,7 +88,7 @@ def _short(exc: BaseException) -> str:
 
 
 def _pixel_source(path: str, ds: Dataset, f: Any, tag_start: int, size: int) -> FrameSource:
-    if str(ds.file_meta.get("TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99":
+    if str(value_of(ds.file_meta, "TransferSyntaxUID", "")) == "1.2.840.10008.1.2.1.99":
         raise MammoInputError(f"{path}: Deflated Explicit VR Little Endian cannot be read frame by frame; "
                               "inflate it first (e.g. dcmconv +te)")
     head = f.read(12)
@@ -104,8 +109,8 @@ def _pixel_source(path: str, ds: Dataset, f: Any, tag_start: int, size: int) -> 
 
     rows, cols = _required_int(ds, "Rows", path), _required_int(ds, "Columns", path)
     bits_allocated = _required_int(ds, "BitsAllocated", path)
-    samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
+    samples = int(value_of(ds, "SamplesPerPixel", 1) or 1)
+    photometric = str(value_of(ds, "PhotometricInterpretation", "")).strip().upper()
     n_frames = _required_int(ds, "NumberOfFrames", path, default=1) or 1
     if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise MammoInputError(f"{path}: {photometric or 'no photometric'} with {samples} samples per "
@@ -119,7 +124,7 @@ def _pixel_source(path: str, ds: Dataset, f: Any, tag_start: int, size: int) -> 
     if bits_allocated not in (8, 16, 32):
         raise MammoInputError(f"{path}: {bits_allocated} bits allocated is not supported (8, 16 or 32)")
 
-    ts = UID(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")))
+    ts = UID(str(value_of(ds.file_meta, "TransferSyntaxUID", "1.2.840.10008.1.2")))
     try:
         decoder = get_decoder(ts)
     except NotImplementedError:
@@ -133,14 +138,14 @@ def _pixel_source(path: str, ds: Dataset, f: Any, tag_start: int, size: int) -> 
 
     options: dict[str, Any] = dict(
         rows=rows, columns=cols, samples_per_pixel=1, bits_allocated=bits_allocated,
-        bits_stored=int(ds.get("BitsStored", bits_allocated) or bits_allocated),
-        pixel_representation=int(ds.get("PixelRepresentation", 0) or 0),
+        bits_stored=int(value_of(ds, "BitsStored", bits_allocated) or bits_allocated),
+        pixel_representation=int(value_of(ds, "PixelRepresentation", 0) or 0),
         photometric_interpretation=photometric, number_of_frames=n_frames, pixel_keyword="PixelData",
     )
     if ts.is_encapsulated:
         if length != 0xFFFFFFFF:
             raise MammoInputError(f"{path}: compressed pixel data must have undefined length; file is corrupt")
-        offsets = _fragment_table(path, f, value_start, size, n_frames)
+        offsets, first_fragment = _fragment_table(path, f, value_start, size, n_frames)
         if offsets is not None:
             options["extended_offsets"] = offsets
     else:
@@ -152,14 +157,15 @@ def _pixel_source(path: str, ds: Dataset, f: Any, tag_start: int, size: int) -> 
                                   f"{expected} bytes for {n_frames} x {rows} x {cols}); the file is "
                                   "truncated or its header is wrong")
     try:  # rescale changes every pixel value: a damaged one must fail here, with the file named
-        rescale = tuple(rescale_of(ds, frame)[:2] for frame in range(n_frames))
+        rescale = frame_rescales(ds, n_frames)
     except MammoInputError as exc:
         raise MammoInputError(f"{path}: {exc}") from None
-    return FrameSource(path, value_start, str(ts), n_frames, options, rescale)
+    return FrameSource(path, value_start, str(ts), n_frames, options, rescale,
+                       first_fragment if ts.is_encapsulated else 0)
 
 
 def _required_int(ds: Dataset, keyword: str, path: str, default: int | None = None) -> int:
-    value = ds.get(keyword)
+    value = value_of(ds, keyword)
     if value is None or value == "":
         if default is not None:
             return default
@@ -171,10 +177,12 @@ def _required_int(ds: Dataset, keyword: str, path: str, default: int | None = No
                               "corrupt") from None
 
 
-def _fragment_table(path: str, f: Any, start: int, size: int, n_frames: int) -> tuple[list[int], list[int]] | None:
+def _fragment_table(path: str, f: Any, start: int, size: int,
+                    n_frames: int) -> tuple[tuple[list[int], list[int]] | None, int]:
     """Walk the encapsulated items by seeking (nothing decoded). Returns (offsets, lengths) usable as
     an Extended Offset Table when there is one fragment per frame, else None (pydicom then uses the
-    Basic Offset Table). Raises if the data is truncated or holds fewer frames than the header claims."""
+    Basic Offset Table), and the file position the offsets count from (the first fragment's item).
+    Raises if the data is truncated or holds fewer frames than the header claims."""
     f.seek(start)
     header = f.read(8)
     if len(header) < 8 or struct.unpack("<HH", header[:4]) != ITEM:
@@ -209,14 +217,12 @@ def _fragment_table(path: str, f: Any, start: int, size: int, n_frames: int) -> 
     if len(offsets) < n_frames:
         raise MammoInputError(f"{path}: header claims {n_frames} frames but the pixel data holds only "
                               f"{len(offsets)} fragments; the file is truncated or its header is wrong")
-    return (offsets, lengths) if len(offsets) == n_frames and n_frames > 1 else None
+    return ((offsets, lengths) if len(offsets) == n_frames and n_frames > 1 else None), first
 
 
 def open_file(path: str | os.PathLike) -> MammoImage:
     """One DICOM file: a 2D image, or a multi-frame (e.g. enhanced DBT) volume. A PNG/JPEG/TIFF file
     (by suffix; a DICM marker wins) opens through :mod:`training.dicom.raster`."""
-    from training.dicom.raster import is_raster_file, open_raster  # lazy: training.raster builds on this module
-
     if is_raster_file(path) and not is_dicom_file(path):
         return open_raster(path)
     return _from_header(Path(path), *read_header(path))
@@ -302,9 +308,10 @@ def open_folder(folder: str | os.PathLike) -> list[MammoImage]:
 
 
 def _from_header(path: Path, ds: Dataset, source: FrameSource) -> MammoImage:
-    frames = [FrameRef(source, i, *source.rescale[i]) for i in range(source.n_frames)]
-    data = lazy_stack(frames, source.n_frames > 1)
-    return MammoImage(data, build_meta(ds, str(path), data.shape, str(data.dtype), source.n_frames), ds, frames)
+    frames, volume = FrameRefs(source), source.n_frames > 1
+    shape, dtype = stack_shape(frames, volume)
+    meta = build_meta(ds, str(path), shape, str(dtype), source.n_frames)
+    return MammoImage(lambda: lazy_stack(frames, volume), meta, ds, frames)  # the dask graph when first used
 
 
 def open_path(path: str | os.PathLike) -> list[MammoImage]:
