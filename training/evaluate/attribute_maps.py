@@ -16,7 +16,6 @@ that measures them on phantoms.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,32 +48,37 @@ class Found:
         return self.prepared.to_image(self.scores)
 
 
+def _embedding_and_direction(clip: Any, sentence: str, reference: str | None) -> tuple[np.ndarray, np.ndarray]:
+    """The sentence's embedding and the direction its map reads, from one pass of the text encoder."""
+    embeddings = clip.text_embeddings([sentence] if reference is None else [sentence, reference])
+    own = embeddings[0]
+    return own, own if reference is None or sentence.strip() == reference else own - embeddings[1]
+
+
 def map_direction(clip: Any, sentence: str, reference: str | None = REFERENCE) -> np.ndarray:
     """The text direction a map reads: the sentence's embedding minus the reference's (None: the
     sentence's own, which mostly maps what the sentence shares with every breast)."""
-    texts = [sentence] if reference is None else [sentence, reference]
-    embeddings = clip.text_embeddings(texts)
-    return embeddings[0] if reference is None or sentence.strip() == reference else embeddings[0] - embeddings[1]
+    return _embedding_and_direction(clip, sentence, reference)[1]
 
 
 def find(clip: Any, image: Any, sentence: str, frame: int | None = None, resolution: int | None = None,
          targets: Sequence[str] = SHOWN_TARGETS, reference: str | None = REFERENCE) -> Found:
     """The attribute map of ``sentence`` on ``image`` (a MammoImage or an array, see
     :func:`training.evaluate.encoder.prepare_image`); an empty sentence is one line."""
-    from training.evaluate.zeroshot import DEFAULT_PROMPTS, class_embeddings
+    from training.evaluate.zeroshot import class_embeddings, shipped_prompts
 
-    text = clip.text_embeddings([sentence])[0]
+    text, direction = _embedding_and_direction(clip, sentence, reference)
     prepared = clip.encoder.prepare_image(image, frame=frame, resolution=resolution)
     output = clip.encoder.run(prepared, attention="none")[0]
     embedding = clip.image_embeddings([output])
-    prompts = json.loads(DEFAULT_PROMPTS.read_text(encoding="utf-8"))
+    prompts = shipped_prompts()
     probabilities = {}
     for target in targets:
         table = prompts.get(target)
         if isinstance(table, dict):
             p = clip.probabilities(embedding, class_embeddings(clip, table))[0]
             probabilities[target] = {name: round(float(v), 4) for name, v in zip(table, p)}
-    scores = clip.patch_scores(output, map_direction(clip, sentence, reference))
+    scores = clip.patch_scores(output, direction)
     return Found(sentence, prepared, scores, float(embedding[0] @ text), probabilities)
 
 

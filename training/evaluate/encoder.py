@@ -412,20 +412,12 @@ def random_encoder(spec: str, seed: int = 0) -> Encoder:
 def _from_file(path: Path) -> Encoder:
     meta = read_metadata(path)
     if meta.get("format") == FORMAT and meta.get("kind") == "encoder":
-        tensors, _ = load_tensors(path)
-        backbone = backbone_of(meta["model"])
-        _load_state(backbone, unprefixed("backbone", tensors), path)
-        heads = {}
-        for name, info in (meta.get("heads") or {}).items():
-            head = TaskHead(int(info["in_dim"]), info["classes"], info["on"])
-            _load_state(head, unprefixed(f"heads.{name}", tensors), path)
-            heads[name] = head
-        return Encoder(backbone, heads, meta, source=str(path))
+        return encoder_from_state(meta, load_tensors(path)[0], path)
     if meta.get("format") == FORMAT and "config" in meta and "step" in meta:  # a pretraining checkpoint
         tensors, _ = load_tensors(path)
         config = ModelConfig.from_dict(meta["model"])
         backbone = ViTBackbone(config)
-        _load_state(backbone, unprefixed("model.teacher.backbone", tensors), path)
+        load_state(backbone, unprefixed("model.teacher.backbone", tensors), path)
         sampler = meta["config"].get("sampler", {})
         pre = {"intensity_percentiles": sampler.get("intensity_percentiles", DEFAULT_PERCENTILES)}
         return Encoder(backbone, meta={**meta, "preprocess": pre}, source=f"{path} (teacher, step {meta['step']})")
@@ -437,6 +429,19 @@ def _from_file(path: Path) -> Encoder:
     return Encoder(backbone, meta={"kind": "external", "load": report}, source=f"{path} ({report['layout']})")
 
 
+def encoder_from_state(meta: dict[str, Any], tensors: dict[str, Tensor], path: Path) -> Encoder:
+    """The :class:`Encoder` of an encoder file whose metadata and tensors are already read (a CLIP file
+    holds its text tower beside them, read from the same tensors)."""
+    backbone = backbone_of(meta["model"])
+    load_state(backbone, unprefixed("backbone", tensors), path)
+    heads = {}
+    for name, info in (meta.get("heads") or {}).items():
+        head = TaskHead(int(info["in_dim"]), info["classes"], info["on"])
+        load_state(head, unprefixed(f"heads.{name}", tensors), path)
+        heads[name] = head
+    return Encoder(backbone, heads, meta, source=str(path))
+
+
 def backbone_of(model: dict[str, Any]) -> ViTBackbone | TimmBackbone:
     """A backbone with random weights from an encoder file's ``model`` metadata: the project's ViT, or
     a timm student (``"timm": name``) rebuilt from its name (nothing is downloaded)."""
@@ -445,7 +450,8 @@ def backbone_of(model: dict[str, Any]) -> ViTBackbone | TimmBackbone:
     return ViTBackbone(ModelConfig.from_dict(model))
 
 
-def _load_state(module: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+def load_state(module: nn.Module, state: dict[str, Tensor], path: Path) -> None:
+    """Load ``state`` into ``module``; names or shapes that differ are one line (a damaged or edited file)."""
     own = module.state_dict()
     if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
         raise MammoInputError(f"{path.name}: its weights do not match the model its metadata describes "

@@ -14,6 +14,7 @@ patch token: the MammoDINO features the CLIP model was built on), averaged over 
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from pathlib import Path
@@ -27,16 +28,28 @@ DEFAULT_PROMPTS = Path(__file__).with_name("prompts.json")
 FRACTIONS = (0.01, 0.1, 1.0)
 
 
-def load_prompts(path: str | Path | None, target: str, classes: Sequence[str]) -> dict[str, list[str]]:
-    """``{class: [sentences]}`` for ``target`` from a prompts file (default: the shipped one); a file
-    that does not cover every class of the labels is one line."""
-    path = Path(path) if path is not None else DEFAULT_PROMPTS
+def read_prompts(path: str | Path) -> Any:
+    """A prompts file's JSON document (one line when it cannot be read)."""
+    path = Path(path)
     try:
-        document = json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise MammoInputError(f"--prompts {path}: cannot be read ({exc.strerror})") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MammoInputError(f"--prompts {path.name}: not a JSON file ({exc})") from None
+
+
+@functools.cache
+def shipped_prompts() -> dict[str, Any]:
+    """The shipped ``prompts.json``, read once per process (the viewer's Find asks at every query)."""
+    return read_prompts(DEFAULT_PROMPTS)
+
+
+def load_prompts(path: str | Path | None, target: str, classes: Sequence[str]) -> dict[str, list[str]]:
+    """``{class: [sentences]}`` for ``target`` from a prompts file (default: the shipped one); a file
+    that does not cover every class of the labels is one line."""
+    path = Path(path) if path is not None else DEFAULT_PROMPTS
+    document = read_prompts(path) if path != DEFAULT_PROMPTS else shipped_prompts()
     table = document.get(target) if isinstance(document, dict) else None
     if not isinstance(table, dict):
         known = sorted(k for k, v in document.items() if isinstance(v, dict)) if isinstance(document, dict) else []

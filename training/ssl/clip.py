@@ -143,24 +143,27 @@ def clip_metadata(head: ClipHead, tokenizer: Any, extra: Mapping[str, Any] | Non
             "tokenizer": tokenizer_to_json(tokenizer), **(extra or {})}
 
 
-def head_from(meta: Mapping[str, Any], tensors: Mapping[str, Tensor], name: str) -> tuple[ClipHead, Any]:
-    """The :class:`ClipHead` and tokenizer a file's ``clip`` metadata and ``clip.*`` tensors hold."""
+def _clip_block(meta: Mapping[str, Any], name: str) -> dict[str, Any]:
     block = meta.get("clip")
     if not isinstance(block, dict) or block.get("format") != CLIP_FORMAT:
         raise MammoInputError(f"{name} has no text tower (it is an image encoder only): text queries and "
                               f"zero-shot need a model trained with `mammodino clip`")
+    return block
+
+
+def head_from(meta: Mapping[str, Any], tensors: Mapping[str, Tensor], path: Path) -> tuple[ClipHead, Any]:
+    """The :class:`ClipHead` and tokenizer a file's ``clip`` metadata and ``clip.*`` tensors hold."""
+    from training.evaluate.encoder import load_state
+
+    block = _clip_block(meta, path.name)
     try:
         text = TextConfig(**block["text"])
         image_dim = int(block["image_dim"])
     except (KeyError, TypeError, ValueError):
-        raise MammoInputError(f"{name}: its text-tower metadata is damaged") from None
+        raise MammoInputError(f"{path.name}: its text-tower metadata is damaged") from None
     tokenizer = tokenizer_from_json(block.get("tokenizer", ""))
     head = ClipHead(image_dim, text)
-    state = unprefixed("clip", tensors)
-    own = head.state_dict()
-    if set(state) != set(own) or any(state[k].shape != own[k].shape for k in own):
-        raise MammoInputError(f"{name}: its text-tower weights do not match its metadata (damaged or edited file)")
-    head.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()})
+    load_state(head, unprefixed("clip", tensors), path)
     return head, tokenizer
 
 
@@ -172,7 +175,7 @@ def has_text_tower(path: str | Path) -> bool:
 def load_clip(spec: str | Path | None = None, device: str | torch.device = "cpu") -> Clip:
     """The image-report model of ``spec``: a CLIP file, a `mammodino clip` run folder (its last
     checkpoint) or None/"demo" for the shipped demo model. A checkpoint without a text tower is one line."""
-    from training.evaluate.encoder import load_encoder
+    from training.evaluate.encoder import encoder_from_state
     from training.runs import RunFolder
 
     if spec is None or str(spec) == "demo":
@@ -190,12 +193,10 @@ def load_clip(spec: str | Path | None = None, device: str | torch.device = "cpu"
         if not path.is_file():
             raise MammoInputError(f"--checkpoint {spec}: no such file (a CLIP file or run folder)")
     meta = read_metadata(path)
-    if not isinstance(meta.get("clip"), dict):
-        raise MammoInputError(f"{path.name} has no text tower (it is an image encoder only): text queries and "
-                              f"zero-shot need a model trained with `mammodino clip`")
+    _clip_block(meta, path.name)  # before reading any tensor
     tensors, _ = load_tensors(path)
-    head, tokenizer = head_from(meta, tensors, path.name)
-    encoder = load_encoder(path)
+    head, tokenizer = head_from(meta, tensors, path)
+    encoder = encoder_from_state(meta, tensors, path)
     if encoder.embed_dim != head.image_cls.in_features:
         raise MammoInputError(f"{path.name}: its text tower expects {head.image_cls.in_features}-wide image "
                               f"tokens, its image encoder gives {encoder.embed_dim}")

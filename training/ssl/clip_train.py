@@ -204,7 +204,7 @@ def build_clip_run(data: str | Path, out: str | Path, config: ClipConfig, checkp
                    command: Sequence[str] | None = None) -> ClipRun:
     """A new run in a fresh ``out`` (image encoder ``checkpoint``, default the demo), or the run in
     ``out`` at its last checkpoint (``resume``: with the config it was started with)."""
-    from training.evaluate.encoder import load_encoder
+    from training.evaluate.encoder import encoder_from_state, load_encoder
 
     folder = RunFolder(out)
     if resume:
@@ -220,8 +220,8 @@ def build_clip_run(data: str | Path, out: str | Path, config: ClipConfig, checkp
             raise MammoInputError(f"--resume: {data} is not the data this run was trained on (its images or "
                                   f"reports differ); start a new run")
         tensors, _ = load_tensors(last)
-        head, tokenizer = head_from(meta, tensors, last.name)
-        clip = Clip(load_encoder(last), head, tokenizer, source=str(last)).to(device)
+        head, tokenizer = head_from(meta, tensors, last)
+        clip = Clip(encoder_from_state(meta, tensors, last), head, tokenizer, source=str(last)).to(device)
         step = int(meta["step"])
     else:
         folder = RunFolder.fresh(out)
