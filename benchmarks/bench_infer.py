@@ -21,9 +21,20 @@ first slice's attention (open + the shown slice's inference, as the Run button d
 layer's plane on the image grid) against that slice's forward pass, and each further slice when
 scrolled to (``LazyAttentionStack``: a slice not seen before).
 
+Viewer scroll (``--scroll-encoder``, default the demo encoder; ``--only-scroll`` runs just this): what
+the napari layers do, without Qt. The slice on screen is computed first (the Run button), then the
+"viewer" scrolls one slice every 1/``--pace`` s, indexing the image (``FrameStack.for_viewer``) and the
+attention map (``LazyAttentionStack`` with ``on_ready``, as the Inference widget makes it) on one
+shared pool, as napari does on its Qt thread. Per case: the time the viewer waits for the image and
+for the attention on each scroll (the goal: ~0 for attention, zeros are returned), the share of
+slices whose attention is already there when scrolled onto, and the time until it is there (0 when
+it was). Read-ahead of 2 slices (the widget's) against none (the widget's previous path: the slice
+on screen only, computed once scrolled onto).
+
     .venv/bin/python benchmarks/bench_infer.py                       # ~3 min on 2 cores
     .venv/bin/python benchmarks/bench_infer.py --repeats 3 --encoders random:tiny/16   # quick look
     .venv/bin/python benchmarks/bench_infer.py --json                # one JSON object
+    .venv/bin/python benchmarks/bench_infer.py --only-scroll         # the viewer scroll only (~1 min)
 
 Torch runs single-threaded by default (``--threads``) and the goal is judged on CPU time
 (``time.process_time``, all threads of the process): on a shared 2-core VM other tenants stretch
@@ -47,11 +58,13 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from training.evaluate.encoder import load_encoder  # noqa: E402
 from training.evaluate.infer import LazyAttentionStack, infer_image  # noqa: E402
 from training.dicom.io import open_image  # noqa: E402
+from training.lazy import FrameStack, PlanePool  # noqa: E402
 
 GOAL = 1.2
 
@@ -159,6 +172,58 @@ def dbt_case(spec: str, path: Path, repeats: int, scroll: int) -> dict[str, Any]
             "computed": stack.computed}
 
 
+def scroll_case(spec: str, path: Path, pace: float, steps: int, ahead: int) -> dict[str, Any]:
+    """A viewer scrolling a DBT with an attention layer at ``pace`` slices/s (see the module doc)."""
+    encoder = load_encoder(None if spec == "demo" else spec)
+    volume = open_image(path)
+    pool = PlanePool()  # as the shared pool: 2 threads, one kept for the frame the viewer waits for
+    frames = FrameStack.for_viewer(open_image(path), pool=pool)
+    arrived: dict[int, float] = {}
+    attention = LazyAttentionStack(encoder, volume, pool=pool, ahead=ahead,
+                                   on_ready=lambda i, error: arrived.setdefault(i, time.perf_counter()))
+    first = max(0, volume.data.shape[0] // 2 - steps // 2)
+    attention.results.get(first)  # the Run button: the slice on screen
+    frames[first], attention[first]
+    attention.settle(60)
+    waits: dict[str, list[float]] = {"image": [], "attention": []}
+    scrolled: dict[int, tuple[float, bool]] = {}  # slice: (when scrolled onto, its attention there already)
+    tick = time.perf_counter()
+    for index in range(first + 1, first + 1 + steps):
+        tick += 1.0 / pace
+        time.sleep(max(0.0, tick - time.perf_counter()))
+        now = time.perf_counter()
+        scrolled[index] = (now, attention.is_ready(index))
+        frames[index]  # napari slices the image layer, then the attention layer, on its thread
+        waits["image"].append(time.perf_counter() - now)
+        now = time.perf_counter()
+        attention[index]
+        waits["attention"].append(time.perf_counter() - now)
+    attention.settle(120)
+    time.sleep(0.1)  # on_ready runs just after a plane's Future is done
+    pool.close()
+    # until shown: 0 when it was there already; a slice the viewer left before its attention came is missed
+    late = [0.0 if ready else arrived.get(i, float("inf")) - at for i, (at, ready) in scrolled.items()]
+    missed = sum(t >= 1.0 / pace for t in late)
+    shown = [t for t in late if t < 1.0 / pace] or [float("nan")]
+
+    def pct(values: list[float], q: float) -> float:
+        return round(1000 * float(np.percentile(values, q)), 1)
+
+    return {"encoder": spec, "pace_per_s": pace, "ahead": ahead, "slices": steps,
+            "ready_share": round(sum(ready for _, ready in scrolled.values()) / steps, 3),
+            "wait_ms": {name: {"p50": pct(w, 50), "p95": pct(w, 95), "max": pct(w, 100)} for name, w in waits.items()},
+            "until_shown_ms": {"p50": pct(shown, 50), "p95": pct(shown, 95)}, "missed": missed,
+            "forward_passes": len(attention.computed),
+            "forward_ms": round(1000 * _forward_s(encoder, volume, first), 1)}
+
+
+def _forward_s(encoder: Any, volume: Any, index: int) -> float:
+    """Wall time of one slice's inference (decode, tissue, forward pass, maps)."""
+    start = time.perf_counter()
+    infer_image(encoder, volume, frame=index)
+    return time.perf_counter() - start
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--encoders", nargs="+", default=["random:small/14", "random:tiny/16"])
@@ -167,16 +232,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch intra-op threads (default 1: CPU time then measures the work alone)")
     parser.add_argument("--workdir", default="/tmp/mammodino_bench_infer", help="phantoms are made here once")
+    parser.add_argument("--scroll-encoder", default="demo",
+                        help="encoder of the viewer scroll ('demo': the shipped one)")
+    parser.add_argument("--pace", nargs="+", type=float, default=[1.0, 4.0], help="viewer scroll: slices per second")
+    parser.add_argument("--scroll-steps", type=int, default=12, help="viewer scroll: slices scrolled per case")
+    parser.add_argument("--only-scroll", action="store_true", help="run the viewer scroll only")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    inputs = images(workdir)
+    inputs = {} if args.only_scroll else images(workdir)
     dbt = phantom(workdir, "dbt", 5)
     load_before = os.getloadavg()
     ffdm, volumes = [], []
-    for spec in args.encoders:
+    scrolls = [scroll_case(args.scroll_encoder, dbt, pace, args.scroll_steps, ahead)
+               for pace in args.pace for ahead in (2, 0)]
+    for spec in [] if args.only_scroll else args.encoders:
         native = load_encoder(spec).config.img_size
         for name, path in inputs.items():
             for resolution in (518, native):
@@ -189,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
               "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
               "load_average_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
-              "repeats": args.repeats, "ffdm": ffdm, "dbt": volumes}
+              "repeats": args.repeats, "ffdm": ffdm, "dbt": volumes, "scroll": scrolls}
     if args.json:
         print(json.dumps(report))
         return 0
@@ -212,6 +284,17 @@ def main(argv: list[str] | None = None) -> int:
              c["ms"]["wall"]["first slice"], c["scroll_ms_per_new_slice"]["cpu"], len(c["computed"])) for c in volumes]
     _table(header, rows)
     print()
+    print("Viewer scroll (wall clock): waits on the viewer's thread per scroll, attention already there when")
+    print("scrolled onto, the time until it is there (0 when it was) and the slices left before it came.")
+    header = ("encoder", "slices/s", "read ahead", "slice ms", "attention ready", "attention wait p50/p95/max ms",
+              "image wait p50/p95 ms", "until shown p50/p95 ms", "missed", "forward passes")
+    rows = [(c["encoder"], c["pace_per_s"], c["ahead"], c["forward_ms"], f"{c['ready_share']:.0%} of {c['slices']}",
+             "/".join(str(c["wait_ms"]["attention"][k]) for k in ("p50", "p95", "max")),
+             "/".join(str(c["wait_ms"]["image"][k]) for k in ("p50", "p95")),
+             "/".join(str(c["until_shown_ms"][k]) for k in ("p50", "p95")), c["missed"], c["forward_passes"])
+            for c in scrolls]
+    _table(header, rows)
+    print()
     for c in ffdm:
         ratio = c["ratio"]["cpu"]["model"]
         verdict = "PASS" if ratio <= GOAL else "FAIL"
@@ -221,6 +304,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _table(header: tuple, rows: list[tuple]) -> None:
+    if not rows:  # a part not run (--only-scroll)
+        return
     widths = [max(len(str(x)) for x in column) for column in zip(header, *rows)]
     print(" | ".join(str(h).ljust(w) for h, w in zip(header, widths)))
     print("-+-".join("-" * w for w in widths))

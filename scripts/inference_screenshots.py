@@ -75,6 +75,9 @@ def dbt(checkpoint: str | None, resolution: int, out: Path) -> Path:
     widget.checkpoint.setText(checkpoint or "")
     widget.resolution.setValue(resolution)
     _run_all(widget, [image])
+    for layer in widget.layers:  # a volume's maps are drawn on the read-ahead pool: wait, then show them
+        layer.data.settle(120)
+        layer.refresh()
     _window(viewer, widget)
     viewer.reset_view()
     r0, c0, r1, c1 = widget.result.prepared.box  # zoom onto the breast: the volume is mostly air

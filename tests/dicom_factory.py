@@ -17,7 +17,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import UID, ExplicitVRLittleEndian
 
 from training.phantom.dicom import (AXIAL, BREAST_TOMOSYNTHESIS, MG_FOR_PRESENTATION, Identity, enhanced_dbt_dataset,
-                                    mammogram_dataset, new_dataset, save_dataset)
+                                    mammogram_dataset, mark_undefined_lengths, new_dataset, save_dataset)
 
 Window = tuple[float, float]  # (center, width)
 
@@ -73,16 +73,20 @@ def write_enhanced_dbt(path: str | Path, volume: np.ndarray, *,
                        per_frame_windows: Sequence[Window] | None = None, window: Window | None = None,
                        spacing: tuple[float, float] = (0.085, 0.085), slice_spacing: float = 1.0,
                        slice_thickness: float | None = None, view: str = "MLO", laterality: str = "R",
-                       transfer_syntax: str = ExplicitVRLittleEndian, **extra: Any) -> Path:
+                       transfer_syntax: str = ExplicitVRLittleEndian, undefined_lengths: bool = False,
+                       **extra: Any) -> Path:
     """A Breast Tomosynthesis multi-frame object whose spacing, geometry, laterality and windows live
     only in the Shared / Per-Frame Functional Groups (nothing at the top level but the view code).
-    Frames step `slice_spacing` mm apart along the normal; `slice_thickness` defaults to the same."""
+    Frames step `slice_spacing` mm apart along the normal; `slice_thickness` defaults to the same.
+    `undefined_lengths` writes every sequence and item with undefined length (as vendors do)."""
     positions = [[0.0, 0.0, 10.0 + i * slice_spacing] for i in range(volume.shape[0])]
     ds = enhanced_dbt_dataset(volume, fresh_identity(), spacing=(slice_spacing, *spacing),
                               slice_thickness=slice_thickness, orientation=AXIAL, positions=positions, view=view,
                               laterality=laterality, windows=[window] if window is not None else (),
                               frame_windows=None if per_frame_windows is None else [[w] for w in per_frame_windows])
     apply_extra(ds, extra)
+    if undefined_lengths:
+        mark_undefined_lengths(ds)
     return save_dataset(ds, path, transfer_syntax)
 
 

@@ -6,11 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import ImplicitVRLittleEndian
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from dicom_factory import labelled_volume, write_enhanced_dbt, write_ffdm
-from training.dicom.frame_groups import functional_groups
-from training.dicom.io import open_file
+from dicom_factory import labelled_volume, mark_undefined_lengths, write_enhanced_dbt, write_ffdm
+from training.dicom.frame_groups import PER_FRAME, functional_groups, read_until_pixels
+from training.dicom.io import open_file, read_header
+from training.dicom.metadata import frame_positions, frame_rescales, windows_of
+from training.errors import MammoInputError
 from training.lazy import FrameStack
 
 WINDOWS = [(100 * i + 50, 100 + i) for i in range(7)]
@@ -38,17 +40,6 @@ def _ours(path):
     return out, groups
 
 
-def _undefined_lengths(ds, from_depth=0, depth=0):
-    """Mark the sequences and items of `ds` (nested `from_depth` deep or more) undefined-length, as
-    many modalities write them."""
-    for element in ds:
-        if element.VR == "SQ":
-            element.is_undefined_length = depth >= from_depth
-            for item in element.value:
-                item.is_undefined_length_sequence_item = depth >= from_depth
-                _undefined_lengths(item, from_depth, depth + 1)
-
-
 @pytest.mark.parametrize("encoding", ["explicit, defined lengths", "explicit, undefined lengths",
                                       "explicit, nested undefined lengths", "implicit VR",
                                       "implicit VR, undefined lengths"])
@@ -57,7 +48,7 @@ def test_functional_groups_match_pydicom_in_every_encoding(tmp_path, encoding):
                               spacing=(0.1, 0.12), laterality="L")
     ds = pydicom.dcmread(path)
     if "undefined" in encoding:
-        _undefined_lengths(ds, from_depth=1 if "nested" in encoding else 0)
+        mark_undefined_lengths(ds, from_depth=1 if "nested" in encoding else 0)
     implicit = "implicit" in encoding
     if implicit:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
@@ -132,7 +123,7 @@ def test_frames_parsed_on_demand_give_what_parsing_every_frame_gives(tmp_path, e
         transform.RescaleType = "US"
         item.PixelValueTransformationSequence = [transform]
     if "undefined" in encoding:
-        _undefined_lengths(ds)
+        mark_undefined_lengths(ds)
     implicit = "implicit" in encoding
     if implicit:
         ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
@@ -231,3 +222,153 @@ def test_header_values_read_fast_are_pydicoms(tmp_path, mg1_path, cbis_cases):
                 assert len(items) == len(theirs.get(keyword)) and all(hasattr(i, "get") for i in items)
     assert checked > 100
     assert value_of(ds, "PatientWeight", "none") == "none"  # absent: the default, as pydicom's get
+
+
+# --- sequences of undefined length, as vendors write them: walked, not parsed, when the header is read ---
+
+def _vendor_dbt(path, n, implicit=False, rescaled=(), windows=None):
+    """An `n`-frame DBT with every sequence and item of undefined length; frames in `rescaled` have
+    their own rescale (the others 1, 0), and elements follow the per-frame sequence, one of them an
+    undefined-length sequence too (the reader reads on after the walk)."""
+    path = write_enhanced_dbt(path, labelled_volume(n, (8, 6)), per_frame_windows=windows, slice_spacing=0.5)
+    ds = pydicom.dcmread(path)
+    for k, item in enumerate(ds.PerFrameFunctionalGroupsSequence):
+        transform, content = pydicom.Dataset(), pydicom.Dataset()
+        transform.RescaleSlope, transform.RescaleIntercept = (2, -5) if k in rescaled else (1, 0)
+        transform.RescaleType = "US"
+        item.PixelValueTransformationSequence = [transform]
+        content.InStackPositionNumber, content.DimensionIndexValues = k + 1, [1, k + 1]
+        item.FrameContentSequence = [content]
+    wave = pydicom.Dataset()
+    wave.NumberOfWaveformChannels = 1
+    ds.WaveformSequence = [wave]  # (5400,0100), after the per-frame sequence
+    ds.add_new(0x60000010, "US", 8)  # OverlayRows
+    mark_undefined_lengths(ds)
+    if implicit:
+        ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+    ds.save_as(path, implicit_vr=implicit, little_endian=True, enforce_file_format=True)
+    return path
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit VR", "implicit VR"])
+def test_undefined_length_volume_opens_parsing_only_the_frames_asked_for(tmp_path, implicit):
+    n = 240
+    path = _vendor_dbt(tmp_path / "dbt.dcm", n, implicit, windows=[(900, 1800)] * n)
+    image = open_file(path)
+    FrameStack(image)[n // 2]
+    assert isinstance(image.header.get_item(PER_FRAME).value, bytes)  # pydicom built no Dataset of it
+    parsed = [i for i, item in enumerate(functional_groups(image.header).per_frame._items) if item is not None]
+    assert parsed == [0, 1, n - 1]
+    assert image.meta.spacing_mm == pytest.approx((0.5, 0.085, 0.085))
+    assert image.meta.frame_windows is None and [(w.center, w.width) for w in image.meta.windows] == [(900, 1800)]
+    np.testing.assert_array_equal(image.frame(n // 2), pydicom.dcmread(path).pixel_array[n // 2])  # the pixel data found
+
+
+@pytest.mark.parametrize("implicit", [False, True], ids=["explicit VR", "implicit VR"])
+def test_undefined_length_header_reads_as_pydicoms_full_parse(tmp_path, implicit):
+    """Every top-level value, the pixel-data position, and each frame's position, window and rescale
+    (frames differing from one another, their items in length too) are what pydicom's full parse gives."""
+    n = 40
+    windows = [(2000 + 10 * (k % 3), 4000 - 100 * k) for k in range(n)]  # "1000.0", then "900.0": items shrink
+    path = _vendor_dbt(tmp_path / "dbt.dcm", n, implicit, rescaled={9, 31}, windows=windows)
+    with open(path, "rb") as f:
+        ours, at = read_until_pixels(f), f.tell()
+    with open(path, "rb") as f:
+        theirs, their_at = pydicom.dcmread(f, stop_before_pixels=True), f.tell()
+    assert at == their_at
+    assert [e.tag for e in ours] == [e.tag for e in theirs]
+    assert all(ours[e.tag].value == e.value for e in theirs)
+
+    header, source = read_header(path)
+    assert isinstance(header.get_item(PER_FRAME).value, bytes)
+    assert source.rescale == frame_rescales(theirs, n) and source.rescale[9] == (2.0, -5.0) != source.rescale[8]
+    assert windows_of(header, n) == windows_of(theirs, n)
+    assert [[(w.center, w.width) for w in frame] for frame in windows_of(header, n)[1]] == [[w] for w in windows]
+    reference = [[float(v) for v in item.PlanePositionSequence[0].ImagePositionPatient]
+                 for item in theirs.PerFrameFunctionalGroupsSequence]
+    assert [list(p) for p in frame_positions(header, n)] == reference
+    assert _values(functional_groups(header), 31) == _values(functional_groups(theirs), 31)
+
+
+def test_undefined_length_item_count_that_differs_from_the_frames_reads_as_defined_length(tmp_path):
+    """Fewer per-frame items than NumberOfFrames: the frames without one take the shared groups,
+    whatever the lengths' encoding."""
+    metas = []
+    for undefined in (False, True):
+        path = write_enhanced_dbt(tmp_path / f"dbt{undefined}.dcm", labelled_volume(24, (8, 6)),
+                                  per_frame_windows=[(900, 1800)] * 23 + [(700, 1400)], slice_thickness=2.0)
+        ds = pydicom.dcmread(path)
+        del ds.PerFrameFunctionalGroupsSequence[-1]
+        if undefined:
+            mark_undefined_lengths(ds)
+        ds.save_as(path, enforce_file_format=True)
+        image = open_file(path)
+        assert len(functional_groups(image.header)) == 23
+        metas.append((image.meta.spacing_mm, image.meta.windows, image.meta.frame_windows))
+    assert metas[0] == metas[1] and metas[1][0] == pytest.approx((2.0, 0.085, 0.085))
+
+
+def _nested(depth):
+    item = pydicom.Dataset()
+    for _ in range(depth):
+        outer = pydicom.Dataset()
+        outer.ContentSequence = [item]
+        item = outer
+    return item
+
+
+@pytest.mark.parametrize("damage", ["truncated in the sequence", "no sequence delimiter",
+                                    "a length past the end of the file", "absurd nesting"])
+def test_a_damaged_undefined_length_sequence_is_a_one_line_error(tmp_path, damage):
+    """Damage is found by the walk and reported in one line, without reading on past a length that
+    lies (pydicom would) and without allocating what a header value claims."""
+    import struct
+    import tracemalloc
+
+    path = write_enhanced_dbt(tmp_path / "dbt.dcm", labelled_volume(24, (8, 6)), undefined_lengths=True)
+    if damage == "absurd nesting":
+        ds = pydicom.dcmread(path)
+        ds.PerFrameFunctionalGroupsSequence[5].ContentSequence = [_nested(100)]
+        mark_undefined_lengths(ds)
+        ds.save_as(path, enforce_file_format=True)
+    raw = path.read_bytes()
+    start, pixels = raw.index(b"\x00\x52\x30\x92SQ"), raw.index(b"\xe0\x7f\x10\x00OW")
+    if damage == "truncated in the sequence":
+        raw = raw[:(start + pixels) // 2]
+    elif damage == "no sequence delimiter":
+        raw = raw[:pixels - 8] + raw[pixels:]
+    elif damage == "a length past the end of the file":
+        lie = b"\x09\x00\x01\x10OB\x00\x00" + struct.pack("<L", 0xFFFFFFF0)  # a 4 GB private value
+        raw = raw[:pixels - 16] + lie + raw[pixels - 16:]  # in the last item, before its delimiter
+    path.write_bytes(raw)
+    tracemalloc.start()
+    try:
+        with pytest.raises(MammoInputError, match="damaged or truncated DICOM header") as err:
+            open_file(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert "\n" not in str(err.value) and peak < 8 * 2**20
+
+
+def test_implicit_vr_items_in_an_explicit_vr_file_are_left_to_pydicom(tmp_path):
+    """Some writers encode a sequence's items in implicit VR inside an explicit VR file: the walk cannot
+    follow them, so pydicom reads the header whole, as before, and the values are its values."""
+    import warnings
+
+    windows = [(100 * k, 400) for k in range(6)]
+    paths = [write_enhanced_dbt(tmp_path / f"{name}.dcm", labelled_volume(6, (8, 6)), per_frame_windows=windows,
+                                undefined_lengths=True, transfer_syntax=syntax)
+             for name, syntax in (("explicit", ExplicitVRLittleEndian), ("implicit", ImplicitVRLittleEndian))]
+    (explicit, implicit), spans = (p.read_bytes() for p in paths), []
+    for data, head in ((explicit, b"\x00\x52\x30\x92SQ\x00\x00\xff\xff\xff\xff"), (implicit, b"\x00\x52\x30\x92\xff\xff\xff\xff")):
+        start = data.index(head) + len(head)
+        spans.append((start, data.index(b"\xe0\x7f\x10\x00", start) - 8))  # the items, up to the delimiter
+    (start, end), (their_start, their_end) = spans
+    mixed = tmp_path / "mixed.dcm"
+    mixed.write_bytes(explicit[:start] + implicit[their_start:their_end] + explicit[end:])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pydicom says it found implicit VR
+        image = open_file(mixed)
+    assert not isinstance(image.header.get_item(PER_FRAME).value, bytes)  # pydicom's parse
+    assert [[(w.center, w.width) for w in frame] for frame in image.meta.frame_windows] == [[w] for w in windows]

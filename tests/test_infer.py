@@ -1,10 +1,12 @@
 """One-click inference without a viewer: maps, their normalisation and placement, attention inside the
-tissue, task-head predictions, cancelling, the lazy per-slice stack of a DBT, export and
+tissue, task-head predictions, cancelling, the lazy per-slice stack of a DBT (computed in place, or
+in the background with read-ahead for a viewer), export and
 `mammodino infer`."""
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from training.evaluate.infer import (InferenceCancelled, LazyAttentionStack, att
     on_image_grid, patch_placement, pca_rgb)
 from training.evaluate.export import export
 from training.dicom.io import open_image
+from training.lazy import PlanePool
 
 LCC = "sample_data/exam/LCC.dcm"
 DBT = "sample_data/dbt/LCC_dbt.dcm"
@@ -154,9 +157,52 @@ def test_lazy_stack_computes_only_the_slices_indexed_and_keeps_a_bounded_cache(e
     mirrored = LazyAttentionStack(results=stack.results, flipped=True)
     np.testing.assert_array_equal(mirrored[8], stack[8][:, ::-1])
     assert stack.computed == [5, 7, 8, 5]
-    asked = []  # with a request callback an uncomputed slice is zeros and asked for, never computed here
-    background = LazyAttentionStack(results=stack.results, request=asked.append)
-    assert not background[20].any() and asked == [20] and stack.computed == [5, 7, 8, 5]
+
+
+def test_a_viewer_attention_stack_never_waits_and_reads_ahead_once_for_all_maps(encoder):
+    volume = open_image(DBT)
+    pool = PlanePool(threads=2)  # as the shared pool: one read-ahead at a time, in order
+    ready = []
+    try:
+        attention = LazyAttentionStack(encoder, volume, resolution=96, pool=pool,
+                                       on_ready=lambda i, error: ready.append(("mean", i, error)))
+        pca = attention.view("pca", on_ready=lambda i, error: ready.append(("pca", i, error)))
+        assert attention.ahead == pca.ahead == 2
+        with attention.results._computing:  # no forward pass can run now: indexing must not wait for one
+            assert not attention[20].any() and not pca[20].any()  # zeros at once
+            assert attention.computed == []
+        assert attention.settle(30) and pca.settle(30)
+        assert attention.computed == [20, 21, 19]  # shown, then one each way (no move yet): once for both maps
+        assert until(lambda: {(m, i) for m, i, _ in ready} == {(m, i) for m in ("mean", "pca") for i in (19, 20, 21)})
+        assert all(error is None for *_, error in ready)
+        result = attention.results.peek(20)
+        np.testing.assert_array_equal(attention[20], on_image_grid(result.prepared, result.map("mean")))
+        assert attention.is_ready(21) and pca.is_ready(21)  # read ahead: scrolling there shows it at once
+        attention[21], pca[21]  # scrolling up: the next two
+        assert attention.settle(30) and pca.settle(30) and attention.computed == [20, 21, 19, 22, 23]
+
+        results = attention.results  # the layers go away while a forward pass waits to run
+        from training.evaluate import infer
+        with infer._FORWARD:
+            attention[30]
+            assert until(lambda: results._computing.locked())  # slice 30's pass has begun, and waits
+            results.close()
+        assert until(lambda: ("mean", 30) in {(m, i) for m, i, _ in ready})
+        (error,) = [e for m, i, e in ready if (m, i) == ("mean", 30)]
+        assert isinstance(error, InferenceCancelled) and 30 not in results.computed
+        assert results._computing.acquire(blocking=False)  # not left held
+        results._computing.release()
+    finally:
+        pool.close()
+
+
+def until(condition, timeout=30.0):
+    """Wait for the pool's threads (the timeout only stops a hang)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "gave up waiting"
+        time.sleep(0.002)
+    return True
 
 
 def test_export_writes_maps_overlays_and_predictions(lcc_result, tmp_path):

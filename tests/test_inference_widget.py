@@ -125,30 +125,65 @@ def test_modes_replace_the_layers_and_the_opacity_slider_drives_them(make_napari
     assert added[0].opacity == pytest.approx(0.3) and added[1].opacity == pytest.approx(0.7)  # PCA keeps its own
 
 
-def test_dbt_attention_is_computed_only_for_the_slices_shown(make_napari_viewer, qtbot):
+def test_dbt_attention_is_computed_in_the_background_and_read_ahead_as_the_user_scrolls(make_napari_viewer, qtbot):
     viewer = make_napari_viewer()
     (image,) = viewer.open(f"{SAMPLE}/dbt/LCC_dbt.dcm", plugin=PLUGIN)
     n = image.data.shape[0]
-    viewer.dims.set_point(0, image.data_to_world([7, 0, 0])[0])
+
+    def go_to(index):
+        viewer.dims.set_point(0, image.data_to_world([index, 0, 0])[0])
+
+    def shows(index):  # what napari draws now is slice `index`'s map on its grid
+        found = widget.slices.peek(index)
+        view = np.asarray(attention._slice.image.view)
+        return found is not None and np.array_equal(view, on_image_grid(found.prepared, found.map("mean")))
+
+    go_to(7)
     widget = widget_for(viewer, resolution=128)
     widget.select_image(image)
     attention, pca = widget.compute()
     assert attention.data.shape == image.data.shape and pca.data.shape == (*image.data.shape, 3)
     assert tuple(attention.scale) == pytest.approx(tuple(image.scale))
     assert tuple(attention.translate) == pytest.approx(tuple(image.translate))
-    assert widget.slices.computed == [7] and widget.result.frame == 7  # the slice on screen, first
-    shown = np.asarray(attention._slice.image.view)  # what napari draws now: slice 7's map on its grid
-    first = widget.slices.peek(7)
-    np.testing.assert_array_equal(shown, on_image_grid(first.prepared, first.map("mean")))
+    assert widget.slices.computed[0] == 7 and widget.result.frame == 7  # the slice on screen, first
+    qtbot.waitUntil(lambda: shows(7), timeout=20000)  # drawn on the pool, then the layer refreshed
+    assert attention.data.settle(20)
+    assert widget.slices.computed == [7, 8, 6]  # and one slice each way read ahead (no scroll yet)
 
-    viewer.dims.set_point(0, image.data_to_world([30, 0, 0])[0])  # scrolling: slice 30 in the background
-    qtbot.waitUntil(lambda: 30 in widget.slices.computed and widget.result.frame == 30, timeout=20000)
-    qtbot.waitUntil(lambda: np.asarray(attention._slice.image.view).max() > 1, timeout=5000)
-    assert widget.slices.computed == [7, 30]  # and no other slice of the 42
+    with widget.slices._computing:  # hold every forward pass: scrolling must not wait for one
+        go_to(30)
+        assert not np.asarray(attention._slice.image.view).any()  # nothing there yet
+        assert "slice 30: computing" in widget.results.text()
+    qtbot.waitUntil(lambda: shows(30) and widget.result.frame == 30, timeout=20000)  # refreshed by itself
     assert "slice 30" in widget.results.text()
-    viewer.dims.set_point(0, image.data_to_world([7, 0, 0])[0])  # back: from the cache
-    assert widget.slices.computed == [7, 30] and widget.result.frame == 7
-    assert n == 42
+    assert attention.data.settle(20)
+    assert widget.slices.computed == [7, 8, 6, 30, 31, 32]  # two ahead in the scroll direction, no other slice
+
+    go_to(31)  # read ahead: on screen at once, and the next one read ahead behind it
+    assert shows(31) and widget.result.frame == 31
+    qtbot.waitUntil(lambda: widget.slices.computed[-1] == 33, timeout=20000)
+    go_to(7)  # back: from the cache
+    assert 7 in widget.slices.computed and widget.result.frame == 7
+    assert widget.slices.computed.count(7) == 1 and n == 42
+    assert not pca.data.cached()  # a hidden map computes nothing
+
+
+def test_late_slices_of_replaced_layers_are_ignored_and_their_queue_dropped(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    (image,) = viewer.open(f"{SAMPLE}/dbt/LCC_dbt.dcm", plugin=PLUGIN)
+    viewer.dims.set_point(0, image.data_to_world([7, 0, 0])[0])
+    widget = widget_for(viewer, resolution=128)
+    widget.select_image(image)
+    old, _ = widget.compute()
+    old_slices = widget.slices
+    with old_slices._computing:  # the old layers' slices wait to be computed ...
+        viewer.dims.set_point(0, image.data_to_world([20, 0, 0])[0])
+        assert old.data.pending()
+        new, _ = widget.compute()  # ... when a new Run replaces them: their queue is dropped
+        assert old not in viewer.layers and widget.slices is not old_slices
+    assert old.data.settle(20) and 20 not in old_slices.computed  # stopped, not computed for nobody
+    qtbot.waitUntil(lambda: np.asarray(new._slice.image.view).max() > 1, timeout=20000)  # the new run shows
+    assert widget.message.text() == ""  # the old run's cancelled slices said nothing
 
 
 def test_a_broken_checkpoint_is_one_message_not_a_crash(make_napari_viewer, tmp_path, qtbot):

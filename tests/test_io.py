@@ -3,6 +3,8 @@ codec a mammography archive uses gives back the stored pixels, real files decode
 
 from __future__ import annotations
 
+import os
+import sys
 import tracemalloc
 
 import numpy as np
@@ -171,3 +173,23 @@ def test_frame_index_is_checked_by_the_image(tmp_path):
         volume.frame_index(5)
     with pytest.raises(MammoInputError, match="^--frame 1 does not exist: the image has only frame 0$"):
         flat.frame_index(1, label="--frame")
+
+
+def test_frames_get_buffers_of_their_own_that_go_back_to_the_system(tmp_path):
+    from training.dicom.image import frame_buffer
+
+    buffer = frame_buffer((2048, 1664), np.uint16)
+    assert buffer.shape == (2048, 1664) and buffer.dtype == np.uint16 and buffer.flags.writeable
+    assert not buffer.any()  # fresh memory reads as zeros
+    if sys.platform.startswith("linux"):  # a mapping of its own, from a huge-page boundary
+        assert buffer.ctypes.data % (2 << 20) == 0
+
+
+def test_a_volume_that_shrinks_after_opening_says_which_frame_is_missing(tmp_path):
+    path = write_enhanced_dbt(tmp_path / "dbt.dcm", labelled_volume(6))
+    image = open_file(path)
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) - image.shape[1] * image.shape[2])  # half of the last frame gone
+    np.testing.assert_array_equal(image.frame(4), labelled_volume(6)[4])
+    with pytest.raises(MammoInputError, match="frame 5 is truncated"):
+        image.frame(5)

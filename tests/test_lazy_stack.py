@@ -1,6 +1,7 @@
 """The lazy slice stack viewers scroll: planes computed off the asking thread, the next ones read ahead
 in the direction of scrolling, stale read-ahead cancelled by a jump, the cache bounded in planes and MB,
-and a pool that never outlives its use (no thread left behind, no hang at interpreter exit)."""
+and a pool that never outlives its use (no thread left behind, no hang at interpreter exit); the
+non-blocking mode (``on_ready``) for planes too slow to wait for: zeros at once, a callback when ready."""
 
 from __future__ import annotations
 
@@ -123,6 +124,44 @@ def test_the_cache_never_holds_more_than_its_planes_or_its_megabytes(pool):
     assert len(stack.cached()) <= 4 and stack._cache.nbytes() <= 2.2 * 2**20
 
 
+def test_scrolling_that_never_waits_reads_ahead_on_one_thread():
+    """A JPEG 2000 decoder keeps ~25 MB on each thread it has run on: read-ahead alone must not
+    spread over the pool's threads (the last one starts for a plane someone waits for)."""
+    pool = PlanePool(threads=2)
+    try:
+        threads: set[int] = set()
+
+        def plane(index):
+            threads.add(threading.get_ident())
+            return np.full((2, 2), index, np.uint8)
+
+        stack = LazyStack((60, 2, 2), np.uint8, plane, keep=8, prefetch=True, pool=pool)
+        stack[30]
+        for index in range(31, 50):
+            assert stack.settle(10) and stack.is_ready(index)
+            stack[index]
+        assert stack.settle(10)
+        assert len(threads) == 1 and len(pool.workers()) == 1
+    finally:
+        pool.close()
+
+
+def test_a_plane_being_computed_counts_against_the_cache(pool):
+    """Memory is the cache's setting: room is made before a plane is computed, not after."""
+    held: list[int] = []
+
+    def plane(index):
+        held.append(len(stack.cached()))  # planes kept while this one is computed
+        return np.full((2, 2), index, np.uint8)
+
+    stack = LazyStack((30, 2, 2), np.uint8, plane, keep=4, prefetch=True, pool=pool)
+    for index in range(30):
+        stack[index]
+        assert stack.settle(10)
+    assert max(held) <= 3 and len(stack.cached()) <= 4
+    assert held.count(3) > 10  # a full cache made room each time, rather than never filling
+
+
 def test_a_viewer_frame_stack_shows_the_volume_exactly(tmp_path, pool, decoded):
     volume = labelled_volume(20)
     stack = FrameStack.for_viewer(open_file(write_enhanced_dbt(tmp_path / "dbt.dcm", volume)), pool=pool)
@@ -189,3 +228,99 @@ def test_the_interpreter_exits_without_waiting_for_read_ahead(planes):
         done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr
         assert done.stdout.strip() == "shown"
+
+
+class Ready:
+    """An ``on_ready`` that records its calls: (index, error)."""
+
+    def __init__(self):
+        self.calls: list[tuple[int, BaseException | None]] = []
+
+    def __call__(self, index, error):
+        self.calls.append((index, error))
+
+    def indices(self) -> list[int]:
+        return sorted(i for i, _ in self.calls)
+
+
+def test_a_non_blocking_stack_shows_zeros_at_once_and_says_when_a_plane_is_ready(pool):
+    gate = threading.Event()
+    planes, ready = Planes(gate=gate), Ready()
+    stack = LazyStack(planes.shape, np.uint16, planes, keep=4, pool=pool, on_ready=ready)
+    assert stack.ahead == 2
+    try:
+        assert not stack[30].any()  # zeros at once: plane 30 is computing behind the gate
+        assert planes.started.acquire(timeout=10)
+        assert not stack[30].any() and not stack.is_ready(30) and ready.calls == []  # asked twice: still computing
+        assert stack.pending() == [29, 30, 31]  # queued once, its read-ahead behind it (both ways: no move yet)
+    finally:
+        gate.set()
+    assert stack.settle(10) and until(lambda: ready.indices() == [29, 30, 31])
+    assert all(error is None for _, error in ready.calls)
+    assert sorted(planes.computed) == [29, 30, 31]  # each computed once
+    assert stack[30][0, 0] == 30 and stack.is_ready(30)  # kept: now shown without asking the pool
+    assert planes.threads == {"mammodino-planes"}
+
+
+def test_non_blocking_read_ahead_follows_the_scroll_and_a_jump_cancels_it():
+    pool = PlanePool(threads=2)  # one read-ahead at a time: queued work stays visible
+    try:
+        gate = threading.Event()
+        planes, ready = Planes(gate=gate, free=set(range(9, 14))), Ready()
+        stack = LazyStack(planes.shape, np.uint16, planes, keep=4, pool=pool, on_ready=ready)
+        stack[10]
+        assert stack.settle(10) and sorted(planes.computed) == [9, 10, 11]
+        assert stack[11][0, 0] == 11  # read ahead: shown at once
+        assert stack.settle(10) and sorted(planes.computed) == [9, 10, 11, 12, 13]  # two ahead, upwards
+        planes.computed.clear()
+        try:
+            assert not stack[14].any()  # not read ahead yet: zeros, 14 computes (at the gate), 15, 16 queued
+            assert planes.started.acquire(timeout=10) and stack.pending() == [14, 15, 16]
+            assert not stack[40].any()  # a jump: 15 and 16 dropped; 40 first, then 41 and 42
+            assert stack.pending() == [14, 40, 41, 42]
+        finally:
+            gate.set()
+        assert stack.settle(10) and planes.computed == [14, 40, 41, 42]
+        assert until(lambda: {14, 40, 41, 42} <= set(ready.indices()))
+    finally:
+        pool.close()
+    assert not pool.workers()
+
+
+def test_a_slow_non_blocking_plane_never_holds_up_a_plane_a_viewer_waits_for():
+    """A non-blocking plane is read-ahead to the pool: it never takes the worker kept for planes a
+    viewer waits for (an image's frame), however many are queued."""
+    pool = PlanePool(threads=2)
+    gate = threading.Event()
+    try:
+        slow = Planes(gate=gate)
+        attention = LazyStack(slow.shape, np.uint16, slow, keep=4, pool=pool, on_ready=Ready())
+        image = LazyStack(slow.shape, np.uint16, Planes(), keep=4, prefetch=True, pool=pool)
+        attention[5]
+        assert slow.started.acquire(timeout=10)  # computing, for ever until the gate opens
+        attention[20]  # queued too
+        shown = []
+        viewer = threading.Thread(target=lambda: shown.extend(int(image[i][0, 0]) for i in (3, 30)))
+        viewer.start()
+        viewer.join(10)
+        assert shown == [3, 30]  # both frames, while the slow plane still computes
+        assert slow.computed == []
+    finally:
+        gate.set()
+        pool.close()
+
+
+def test_a_non_blocking_plane_that_fails_says_so_and_is_asked_again(pool):
+    def plane(index):
+        if index == 3:
+            raise MammoInputError("slice 3 has no tissue")
+        return np.ones((2, 2), np.uint8)
+
+    ready = Ready()
+    stack = LazyStack((6, 2, 2), np.uint8, plane, keep=2, pool=pool, on_ready=ready)
+    assert not stack[3].any()
+    assert stack.settle(10) and until(lambda: 3 in ready.indices())
+    (error,) = [e for i, e in ready.calls if i == 3]
+    assert isinstance(error, MammoInputError) and 3 not in stack.cached()
+    assert not stack[3].any()  # not kept: the next read asks again
+    assert stack.settle(10) and until(lambda: ready.indices().count(3) == 2)

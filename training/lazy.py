@@ -9,7 +9,12 @@ With ``prefetch`` a stack computes on a small shared pool of background threads 
 never on the thread that indexes it (napari's): the plane asked for first, then the next ones in the
 direction the viewer last moved, nearest first. A jump cancels read-ahead that has not started. The
 planes kept are bounded in number (``keep``) and in MB (``max_mb``); when full, the plane farthest from
-the one shown that is not being read ahead goes first."""
+the one shown that is not being read ahead goes first.
+
+Planes too slow to wait for (an encoder's forward pass per DBT slice: 0.1-1 s on a CPU) use the
+non-blocking mode, ``on_ready``: a plane not computed yet is zeros at once, is queued before every
+read-ahead, and ``on_ready(index, error)`` says when it is there (from a pool thread: the viewer turns
+it into a refresh on its own thread)."""
 
 from __future__ import annotations
 
@@ -115,6 +120,16 @@ class PlaneCache:
             while len(self._planes) > self.size:
                 del self._planes[max(self._planes, key=self._badness)]
 
+    def make_room(self) -> None:
+        """Drop the plane to go next if the cache is full, before another is computed: the planes
+        kept plus the one being computed stay within ``size`` (memory is the cache's setting, not
+        one plane more)."""
+        with self._lock:
+            if len(self._planes) >= self.size:
+                worst = max(self._planes, key=self._badness)
+                if worst != self.focus:
+                    del self._planes[worst]
+
     def refocus(self, focus: int, wanted: frozenset[int]) -> None:
         with self._lock:
             self.focus, self.wanted = focus, wanted
@@ -135,7 +150,8 @@ class PlanePool:
     frame is read ahead at a time on every core: as fast on two cores as two frames a core each, and
     the memory of one decoder, not two. With more, each read-ahead decodes on one thread. Queued work
     can be cancelled (its Future's ``cancel``); work that has started finishes. Workers start on
-    demand and exit after ``idle_s`` without work, so an unused pool holds no thread; they are
+    demand (the last one only for a plane someone waits for: a decoder keeps memory on each thread it
+    ran on) and exit after ``idle_s`` without work, so an unused pool holds no thread; they are
     daemons and :meth:`close` (run at exit for the shared pool) drops queued work, so the interpreter
     never waits for read-ahead."""
 
@@ -156,7 +172,10 @@ class PlanePool:
             closed = self._closed
             if not closed:
                 heapq.heappush(self._queue, (priority, next(self._order), future, work))
-                if self._idle < len(self._queue) and len(self._workers) < self.threads:
+                # Read-ahead gets a thread of its own only up to what may read ahead at once: a
+                # JPEG 2000 decoder keeps ~25 MB per thread it has run on, so scrolling that never
+                # waits decodes on one thread, and the last one starts only for a plane someone waits for.
+                if self._idle < len(self._queue) and len(self._workers) < self.threads - (priority > 0):
                     self._start_worker()
                 self._cond.notify()
         if closed:  # at exit: nothing new runs
@@ -289,11 +308,18 @@ class LazyStack:
 
     With ``prefetch`` planes are computed on ``pool`` (default :func:`shared_pool`), never on the
     indexing thread, and after each plane the next ``keep - 2`` in the direction of the last move (both
-    ways before any move) are read ahead; one plane behind stays. :meth:`close` cancels what is queued."""
+    ways before any move) are read ahead; one plane behind stays. :meth:`close` cancels what is queued.
+
+    With ``on_ready`` (implies ``prefetch``) the indexing thread never waits: a plane not kept yet is
+    zeros (not kept: the next read asks again), queued once, and ``on_ready(index, error)`` is called
+    from the pool's thread when it is kept (error None) or failed. Such a plane is queued as the most
+    urgent read-ahead (priority 1, its read-ahead 2, 3, ...), not as a plane someone waits for (0):
+    a slow plane must neither take the worker kept free for planes a viewer does wait for (an image
+    layer's frame) nor hold up every other stack's read-ahead while it computes."""
 
     def __init__(self, shape: tuple[int, ...], dtype: Any, plane: Callable[[int], np.ndarray | None],
                  keep: int = 1, deferred: bool = False, *, prefetch: bool = False, max_mb: float | None = None,
-                 pool: PlanePool | None = None):
+                 pool: PlanePool | None = None, on_ready: Callable[[int, BaseException | None], None] | None = None):
         self.shape: tuple[int, ...] = tuple(int(n) for n in shape)
         self.ndim = len(self.shape)
         self.dtype = np.dtype(dtype)
@@ -303,8 +329,9 @@ class LazyStack:
             keep = min(keep, int(max_mb * 2**20 // plane_bytes))
         self.keep = max(1, int(keep))
         self._cache = PlaneCache(self.keep)
-        self._prefetch = prefetch  # computed on the pool (a 2D image too: it has nothing to read ahead)
+        self._prefetch = prefetch or on_ready is not None  # on the pool (a 2D image too: nothing to read ahead)
         self._pool = pool
+        self.on_ready = on_ready
         self._pending: dict[int, Future] = {}
         self._lock = threading.RLock()  # a Future's cancel runs its callbacks (which take it) at once
         self._shown: int | None = None
@@ -346,9 +373,12 @@ class LazyStack:
         found = self._cache.get(index)
         if found is not None or in_pool_worker():
             if found is None:
-                found = self._keep(index, self._compute(index), index)
+                found = self._keep(index, self._computed(index), index)
             self._read_ahead(index)
             return found
+        if self.on_ready is not None:
+            found = self._ask(index)
+            return found if found is not None else np.zeros(self.plane_shape, self.dtype)
         try:  # the worker queues the read-ahead once the plane is there: not on this thread's time
             found = self._wanted_now(index).result()
         except CancelledError:  # the pool was closed (at exit): compute here
@@ -376,7 +406,7 @@ class LazyStack:
     def close(self) -> None:
         """Cancel this stack's queued read-ahead (what is running finishes)."""
         with self._lock:
-            for future in self._pending.values():
+            for future in list(self._pending.values()):  # a cancel forgets its plane at once
                 future.cancel()
 
     def _keep(self, index: int, values: np.ndarray | None, shown: int | None) -> np.ndarray | None:
@@ -412,10 +442,41 @@ class LazyStack:
     def _submit(self, index: int, priority: int) -> Future:
         """Compute plane ``index`` on the pool (caller holds the lock)."""
         pool = self._pool or shared_pool()
-        future = pool.submit(lambda: self._keep(index, self._compute(index), None), priority)
+        future = pool.submit(lambda: self._keep(index, self._computed(index), None), priority)
+        future.priority = priority  # type: ignore[attr-defined]
         self._pending[index] = future
         future.add_done_callback(lambda done: self._forget(index, done))
+        if self.on_ready is not None:
+            future.add_done_callback(lambda done: self._report(index, done))
         return future
+
+    def _computed(self, index: int) -> np.ndarray | None:
+        """Plane ``index`` computed, room made for it in the cache first."""
+        self._cache.make_room()
+        return self._compute(index)
+
+    def _report(self, index: int, done: Future) -> None:
+        """Non-blocking: tell ``on_ready`` that plane ``index`` is kept, or failed (not when cancelled,
+        nor when the plane function said "not ready": nothing new to show)."""
+        if done.cancelled():
+            return
+        error = done.exception()
+        if error is not None or done.result() is not None:
+            self.on_ready(index, error)  # type: ignore[misc]
+
+    def _ask(self, index: int) -> np.ndarray | None:
+        """Non-blocking: plane ``index`` if kept by now; else queue it (once: a plane queued or running
+        is left alone, read-ahead moved to the front) before all read-ahead, and None."""
+        with self._lock:
+            future = self._pending.get(index)
+            if future is None or future.done() or (future.priority > 1 and future.cancel()):
+                found = self._cache.get(index)  # kept since plane() looked: not computed twice
+                if found is None:
+                    self._submit(index, 1)
+            else:
+                found = None
+            self._read_ahead(index, first=2)  # behind it: one plane computed at a time gets it first
+        return found
 
     def _forget(self, index: int, done: Future) -> None:
         with self._lock:
@@ -436,7 +497,7 @@ class LazyStack:
         future.add_done_callback(lambda _: self._read_ahead(index, after_result=True))
         return future
 
-    def _read_ahead(self, index: int, after_result: bool = False) -> None:
+    def _read_ahead(self, index: int, after_result: bool = False, first: int = 1) -> None:
         if after_result:  # on the worker that just handed plane `index` over: let the waiting thread
             time.sleep(0)  # take the GIL first (else it waits while this one queues and starts work)
         with self._lock:
@@ -444,7 +505,7 @@ class LazyStack:
                 self._scheduling -= 1
             if self._shown != index:  # the viewer moved on while this plane was computed
                 return
-            for rank, i in enumerate(self._window(index), 1):
+            for rank, i in enumerate(self._window(index), first):
                 if i not in self._cache and i not in self._pending:
                     self._submit(i, rank)
 

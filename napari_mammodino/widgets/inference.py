@@ -9,10 +9,12 @@ module loads the encoder in a thread worker, places the maps and shows the predi
   rotation and shear carry that into the world (mm). A view the hanging protocol mirrored
   (``metadata["flipped"]``) gets mirrored maps.
 * DBT. Attention (and every other map) of a volume is a :class:`training.evaluate.infer.LazyAttentionStack`
-  on the volume's grid: the slice on screen is computed first, by the Run worker; any other slice
-  when the user scrolls to it, in a background worker (the layer shows nothing there until it is
-  ready, and refreshes then), so scrolling a 60-slice volume never waits for the encoder. Slices are
-  cached (LRU) and shared by all maps.
+  on the volume's grid: the slice on screen is computed first, by the Run worker; the others on the
+  pool that reads image slices ahead (:mod:`training.lazy`), the slice scrolled to first, then two
+  ahead in the scroll direction. A layer shows nothing on a slice not computed yet and refreshes when
+  the pool says it is ready (a Qt signal: queued to the GUI thread), so scrolling a 60-slice volume
+  never waits for the encoder. Slices are cached (LRU) and shared by all maps (one forward pass per
+  slice); replacing or deleting the layers cancels their queued slices.
 * Find. A text box finds a sentence in the image with an image-report (CLIP) model: a ``find: <sentence>``
   patch map placed like the attention, and zero-shot probabilities (:mod:`napari_mammodino.widgets.find`).
 * Failures. A checkpoint that does not load, a bad resolution or an image without tissue is one
@@ -43,6 +45,7 @@ from training.evaluate.encoder import Encoder, load_encoder  # noqa: E402 (after
 from training.errors import MammoInputError  # noqa: E402
 from training.evaluate.infer import (N_STEPS, InferenceCancelled, InferenceResult, LazyAttentionStack,
     SliceResults, display_limits, inference_steps, patch_placement)
+from training.lazy import LazyStack
 from training.progress import Steps, run_steps  # noqa: E402
 from training.evaluate.export import export
 
@@ -176,12 +179,18 @@ def describe(result: InferenceResult) -> str:
     return "\n".join(lines)
 
 
+def layer_slice(layer: Image, viewer: "napari.Viewer") -> int:
+    """The slice of a volume layer the viewer shows now."""
+    position = layer.world_to_data(viewer.dims.point)[0]
+    return int(np.clip(np.round(position), 0, layer.data.shape[0] - 1))
+
+
 # --- the widget -----------------------------------------------------------------------------------
 
 class InferenceWidget(QWidget):
     """Run an encoder on the selected image: attention, feature PCA, task-head predictions."""
 
-    _slice_wanted = Signal(object, int)  # (SliceResults, index): queued to the main thread from any thread
+    _plane_ready = Signal(object, int, object)  # (stack, index, error) from a pool thread: queued to the GUI thread
 
     def __init__(self, napari_viewer: "napari.Viewer"):
         super().__init__()
@@ -247,8 +256,6 @@ class InferenceWidget(QWidget):
         self.layers: list[Image] = []
         self._encoder: tuple[str | None, Encoder] | None = None
         self._stop = threading.Event()
-        self._pending: set[int] = set()
-        self._wanted: int | None = None
 
         self.browse.clicked.connect(self._browse)
         self.checkpoint.textChanged.connect(lambda _: self.message.setText(""))
@@ -256,9 +263,10 @@ class InferenceWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         self.export_button.clicked.connect(self._export_dialog)
         self.opacity.valueChanged.connect(self._set_opacity)
-        self._slice_wanted.connect(self._compute_slice)
+        self._plane_ready.connect(self._show_ready)
         for event in (napari_viewer.layers.events.inserted, napari_viewer.layers.events.removed):
             event.connect(self._refresh_images)
+        napari_viewer.layers.events.removed.connect(self._layer_removed)
         napari_viewer.layers.selection.events.active.connect(self._follow_selection)
         napari_viewer.dims.events.current_step.connect(self._slice_changed)
         self._refresh_images()
@@ -379,17 +387,16 @@ class InferenceWidget(QWidget):
         source = request.source
         for layer in [la for la in self.viewer.layers if la.metadata.get(TAG, {}).get("image") == source.name
                       and la.metadata[TAG].get("map") != "find"]:  # a Find's map stays
-            self.viewer.layers.remove(layer)
+            self.viewer.layers.remove(layer)  # its queued slices are cancelled (_layer_removed)
+            if isinstance(layer.data, LazyAttentionStack):
+                layer.data.results.close()  # and the forward pass running stops within one block
         self.request, self.result = request, result
         names = map_names(result, request.mode)
         if source.is_volume:
             self.slices = SliceResults(encoder, request.image, request.resolution, request.attention)
             self.slices.put(result.frame, result)  # the slice on screen: already computed
-            self._pending.clear()
-            lazy = LazyAttentionStack(results=self.slices, flipped=source.flipped,
-                                      request=lambda i, slices=self.slices: self._slice_wanted.emit(slices, i))
             grid = source.grid()
-            data = {show: lazy.view(show) for _, show in names}
+            data = {show: self._background_view(show, source.flipped) for _, show in names}
         else:
             self.slices = None
             grid = patch_grid(source.layer, result, source.flipped)
@@ -433,31 +440,35 @@ class InferenceWidget(QWidget):
                 layer.opacity = value / 100
 
     # --- DBT: the other slices, in the background ------------------------------------------------------
-    def _compute_slice(self, slices: SliceResults, index: int) -> None:
-        """A lazy layer met slice ``index`` uncomputed: compute it in a worker, unless the user has
-        scrolled on by the time the worker starts (only the slice on screen is worth the encoder)."""
-        if slices is not self.slices:  # layers of an older run
-            return
-        self._wanted = index
-        if index in self._pending:
-            return
-        self._pending.add(index)
-        self.results.setText(f"slice {index}: computing…")
+    def _background_view(self, show: str, flipped: bool) -> LazyAttentionStack:
+        """Map ``show`` of the volume's slices, computed on the pool; when a slice is ready the pool's
+        thread emits a signal that names this stack (so only its layer refreshes, on the GUI thread)."""
+        def ready(index: int, error: BaseException | None) -> None:
+            try:
+                self._plane_ready.emit(stack, index, error)
+            except RuntimeError:  # the widget was closed while its layers stay open: nobody to tell
+                stack.close()
 
-        def work() -> Steps:
-            yield 0, 1  # started: is this slice still the one on screen?
-            return slices.get(index) if self._wanted == index and slices is self.slices else None
+        stack = LazyAttentionStack(results=self.slices, show=show, flipped=flipped, on_ready=ready)
+        return stack
 
-        def ready(result: InferenceResult | None) -> None:
-            if result is None or slices is not self.slices:
+    def _show_ready(self, stack: LazyStack, index: int, error: BaseException | None) -> None:
+        """A lazy layer's slice ``index`` is computed (or failed) on the pool: refresh the layer if it
+        shows that slice. A stack whose layer is gone (replaced by a newer run, deleted) is ignored."""
+        for layer in [la for la in self.viewer.layers if la.data is stack]:
+            if layer_slice(layer, self.viewer) != index:
+                continue  # read ahead: shown from the cache when scrolled to
+            if error is not None:
+                said = error if isinstance(error, MammoInputError) else f"{type(error).__name__}: {error}"
+                self.message.setText(f"slice {index}: {said}")
                 return
-            for layer in self.layers:
-                if layer in self.viewer.layers:
-                    layer.refresh()
-            self._slice_changed()
+            layer.refresh()
+        self._slice_changed()
 
-        start(work(), done=ready, ended=lambda: self._pending.discard(index),
-              refused=lambda refused: self._refuse(f"slice {index}: {refused.message}"))
+    def _layer_removed(self, event: Any) -> None:
+        """A lazy layer left the viewer: drop the slices it queued (one forward pass each)."""
+        if isinstance(event.value.data, LazyStack) and TAG in event.value.metadata:
+            event.value.data.close()
 
     def _slice_changed(self, event: Any = None) -> None:
         """Scrolling a volume with inference layers: the text follows the slice on screen."""
@@ -468,6 +479,10 @@ class InferenceWidget(QWidget):
         if found is not None:
             self.result = found
             self.results.setText(describe(found))
+        elif any(layer.visible for layer in self.layers if layer in self.viewer.layers):
+            self.results.setText(f"slice {index}: computing…")  # the layers asked the pool; _show_ready brings it
+        else:  # nothing shown asks for it
+            self.results.setText(f"slice {index}: not computed (its map layers are hidden)")
 
     # --- image choice ---------------------------------------------------------------------------------
     def _refresh_images(self, event: Any = None) -> None:

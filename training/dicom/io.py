@@ -19,13 +19,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-import pydicom
 from pydicom.dataset import Dataset
 from pydicom.pixels import get_decoder
 from pydicom.uid import UID
 
 from training.errors import MammoInputError
-from training.dicom.frame_groups import value_of
+from training.dicom.frame_groups import read_until_pixels, value_of
 from training.dicom.metadata import (DBT_SOP_CLASSES, build_meta, frame_rescales, laterality_of,
     slice_normal, view_of, windows_of)
 from training.dicom.raster import is_raster_file, open_raster
@@ -75,7 +74,7 @@ def read_header(path: str | os.PathLike) -> tuple[Dataset, FrameSource]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         try:
-            ds = pydicom.dcmread(f, stop_before_pixels=True)
+            ds = read_until_pixels(f)  # pydicom's reading, but per-frame items are parsed when asked for
         except Exception as exc:  # pydicom raises many types for a damaged header
             raise MammoInputError(f"{path}: damaged or truncated DICOM header ({_short(exc)})") from None
         tag_start = f.tell()

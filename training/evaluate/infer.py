@@ -17,7 +17,9 @@ It is written as a generator of ``(done, total)`` progress steps (:func:`inferen
 napari widget runs the very same code in a thread worker and tests and the CLI run it in place.
 :func:`export` writes PNG overlays, NPY maps and JSON predictions. For tomosynthesis,
 :class:`LazyAttentionStack` is a (slices, rows, cols) array whose slices are computed when indexed
-(napari indexes the slice on screen) and kept in a bounded cache.
+(napari indexes the slice on screen), kept in a bounded cache, and, for a viewer (``on_ready``),
+computed in the background with the next slices read ahead in the scroll direction: the lazy slice
+stack of images and tissue masks (:class:`training.lazy.LazyStack`), in its non-blocking mode.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ import numpy as np
 from training.dicom.image import MammoImage
 from training.evaluate.encoder import Encoder, Output, Prepared
 from training.errors import MammoInputError
-from training.lazy import LRU, LazyStack
+from training.lazy import LRU, LazyStack, PlanePool
 from training.progress import Steps, run_steps
 
 
@@ -47,6 +49,11 @@ PCA_PERCENTILES = (1.0, 99.0)  # robust per-channel range of the PCA colours
 
 
 N_STEPS = 4  # read + tissue and crop + resize (one call: prepare_image), forward, maps
+
+
+AHEAD = 2  # DBT slices a viewer's attention stack reads ahead: each is a forward pass (0.1-1 s on a CPU)
+VIEW_MB = 128.0  # planes each map of a lazy attention stack keeps, at most (an RGB PCA plane of a
+# 2048 x 1664 slice is 40 MB): a bigger slice keeps fewer and reads fewer ahead
 
 
 # The encoder's attention hooks switch timm's fused attention off and on around each pass, so two
@@ -334,7 +341,8 @@ def on_image_grid(prepared: Prepared, patch_map: np.ndarray, rows: np.ndarray | 
 class SliceResults:
     """InferenceResults of the slices of one volume, computed on first request and kept in a bounded
     least-recently-used cache (thread-safe: napari may slice from another thread). ``computed`` lists
-    every computation in order (a slice evicted and asked for again appears twice)."""
+    every computation in order (a slice evicted and asked for again appears twice). :meth:`close`
+    stops the forward pass running (within one transformer block) and any later one."""
 
     def __init__(self, encoder: Encoder, image: Any, resolution: int | None = None,
                  attention: Attention = "last", cache_size: int = 16):
@@ -346,6 +354,7 @@ class SliceResults:
         self.computed: list[int] = []
         self._cache = LRU(cache_size)
         self._computing = threading.Lock()  # one slice at a time: two askers never compute it twice
+        self._closed = threading.Event()
 
     @property
     def cache_size(self) -> int:
@@ -363,13 +372,22 @@ class SliceResults:
         self.computed.append(index)
         self._cache.put(index, result)
 
+    def close(self) -> None:
+        """Stop: the forward pass running raises InferenceCancelled within one block (releasing the
+        lock), and so does any later one (the layers these results fed are gone)."""
+        self._closed.set()
+
     def get(self, index: int, should_stop: Callable[[], bool] | None = None) -> InferenceResult:
         """The result of slice ``index``, computed now if it is not cached."""
         index = range(self.shape[0])[index]
-        with self._computing:
+
+        def stop() -> bool:
+            return self._closed.is_set() or (should_stop is not None and should_stop())
+
+        with self._computing:  # released however the pass ends (InferenceCancelled included)
             found = self.peek(index)
             if found is None:
-                found = infer_image(self.encoder, self.image, index, self.resolution, self.attention, should_stop)
+                found = infer_image(self.encoder, self.image, index, self.resolution, self.attention, stop)
                 self.put(index, found)
         return found
 
@@ -377,30 +395,41 @@ class SliceResults:
 class LazyAttentionStack(LazyStack):
     """A read-only numpy-like (slices, rows, cols) float32 array on the image grid of a DBT volume:
     slice i is the map ``show`` of slice i's inference (see :meth:`InferenceResult.map`), computed
-    when it is first indexed (:class:`training.lazy.LazyStack`, the last two planes kept) from the
-    results cached in :class:`SliceResults` (``cache_size`` slices). ``show="pca"`` gives
-    (slices, rows, cols, 3) RGB.
+    when it is first indexed (:class:`training.lazy.LazyStack`) from the results cached in
+    :class:`SliceResults` (``cache_size`` slices). ``show="pca"`` gives (slices, rows, cols, 3) RGB.
+    ``flipped`` mirrors each plane left-right (a view the hanging protocol mirrored).
 
-    ``flipped`` mirrors each plane left-right (a view the hanging protocol mirrored). With
-    ``request`` set, a slice that is not cached yet is not computed in place: ``request(i)`` is
-    called (the viewer computes it in the background, then refreshes) and the plane is zeros until
-    then, so scrolling never waits for the encoder. :meth:`view` makes a stack of another map that
-    shares this one's cache (each slice is computed once for all of them)."""
+    Without ``on_ready`` a slice is computed on the thread that indexes it (scripts, the CLI). With
+    ``on_ready`` (a viewer) indexing never waits for the encoder: a slice not computed yet is zeros,
+    computed on ``pool`` (default: the shared pool of image slices) and then ``on_ready(i, error)``
+    is called from the pool's thread; the ``ahead`` slices after it in the scroll direction are read
+    ahead (both ways before any move). Each map keeps ``ahead + 2`` planes (one behind, the one shown;
+    2 in place), at most ``max_mb`` MB. :meth:`view` makes a stack of another map on the same
+    results: several maps read ahead the same slices, and each slice's forward pass runs once for all
+    (one at a time, under :class:`SliceResults`'s lock; the others render from its cache)."""
 
     def __init__(self, encoder: Encoder | None = None, image: Any = None, *, resolution: int | None = None,
                  attention: Attention = "last", show: str = "attention", flipped: bool = False,
                  cache_size: int = 16, results: SliceResults | None = None,
-                 request: Callable[[int], None] | None = None):
+                 on_ready: Callable[[int, BaseException | None], None] | None = None, ahead: int = AHEAD,
+                 max_mb: float = VIEW_MB, pool: PlanePool | None = None):
         if results is None:
             if encoder is None or image is None:
                 raise ValueError("LazyAttentionStack needs an encoder and an image, or shared results")
             results = SliceResults(encoder, image, resolution, attention, cache_size)
-        self.results, self.show, self.flipped, self.request = results, show, flipped, request
-        super().__init__(results.shape + ((3,) if show == "pca" else ()), np.float32, self._render, keep=2)
+        self.results, self.show, self.flipped = results, show, flipped
+        self._options = dict(ahead=ahead, max_mb=max_mb, pool=pool)  # for view(): as asked, not as fitted
+        ahead = max(0, ahead) if on_ready is not None else 0  # computed in place: nothing read ahead
+        super().__init__(results.shape + ((3,) if show == "pca" else ()), np.float32, self._render,
+                         keep=ahead + 2, max_mb=max_mb, on_ready=on_ready, pool=pool)
+        self.ahead = min(self.ahead, ahead)
 
-    def view(self, show: str) -> "LazyAttentionStack":
-        """Another map of the same slices (same cache, mirror and request)."""
-        return LazyAttentionStack(show=show, flipped=self.flipped, results=self.results, request=self.request)
+    def view(self, show: str, on_ready: Callable[[int, BaseException | None], None] | None = None
+             ) -> "LazyAttentionStack":
+        """Another map of the same slices (same results, mirror, read-ahead and pool; ``on_ready``
+        this one's unless given)."""
+        return LazyAttentionStack(show=show, flipped=self.flipped, results=self.results,
+                                  on_ready=on_ready or self.on_ready, **self._options)
 
     @property
     def computed(self) -> list[int]:
@@ -409,13 +438,8 @@ class LazyAttentionStack(LazyStack):
     def __repr__(self) -> str:
         return f"LazyAttentionStack({self.shape}, {self.show!r})"
 
-    def _render(self, index: int) -> np.ndarray | None:
-        """Slice ``index`` on the image grid: computed now, or None (zeros) while ``request`` computes it."""
-        result = self.results.peek(index)
-        if result is None and self.request is not None:
-            self.request(index)
-            return None
-        if result is None:
-            result = self.results.get(index)
+    def _render(self, index: int) -> np.ndarray:
+        """Slice ``index`` on the image grid (its forward pass first, unless cached)."""
+        result = self.results.get(index)
         plane = on_image_grid(result.prepared, result.map(self.show))
         return plane[:, ::-1] if self.flipped else plane

@@ -520,7 +520,7 @@ def build_phantom(spec: BreastSpec, geometry: ViewGeometry, rng: np.random.Gener
     cc = int(np.flatnonzero((g.distance > 0).any(axis=0)).max(initial=0)) + 2
     cc = min(cc, g.distance.shape[1])
     distance = g.distance[:, :cc]
-    nz, rc = g.nz, distance.shape[0]
+    nz = g.nz
     h = g.voxel_mm
     z = g.z_centers()
     rows_mm, cols_mm = g.row_centers(), g.col_centers()[:cc]

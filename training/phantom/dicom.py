@@ -329,6 +329,18 @@ def _gdcm_transcode(path: Path, ts: UID) -> None:
         raise OSError(f"GDCM cannot write {path}")
 
 
+def mark_undefined_lengths(ds: Dataset, from_depth: int = 0, depth: int = 0) -> Dataset:
+    """Mark the sequences and items of `ds` (nested `from_depth` deep or more) to be written with
+    undefined lengths and delimitation items, as many modalities write them."""
+    for element in ds:
+        if element.VR == "SQ":
+            element.is_undefined_length = depth >= from_depth
+            for item in element.value:
+                item.is_undefined_length_sequence_item = depth >= from_depth
+                mark_undefined_lengths(item, from_depth, depth + 1)
+    return ds
+
+
 def atomic_write(path: Path, write: Any) -> Path:
     """Write through a temporary name in the same folder, then rename: a crash never leaves a
     half-written file under the final name."""
