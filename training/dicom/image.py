@@ -78,17 +78,21 @@ def frame_buffer(shape: tuple[int, ...], dtype: Any) -> np.ndarray:
       2048 x 1664 frame into it took 2.0 ms where ``np.fromfile`` took 2.8. The tail stays in small
       pages: resident memory is the frame's size, not rounded up to 2 MB.
 
-    Where private anonymous mappings don't exist (Windows), a plain array."""
+    A frame under 2 MB (a small phantom, a thumbnail) is a plain array: it gains nothing from huge
+    pages, and malloc's reused memory is already faulted in. So is one where private anonymous
+    mappings don't exist (Windows)."""
     dtype = np.dtype(dtype)
     count = int(np.prod(shape))
-    nbytes = max(count * dtype.itemsize, 1)
+    nbytes = count * dtype.itemsize
+    if nbytes < HUGE_PAGE:
+        return np.empty(shape, dtype)
     try:
         mapped = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     except (AttributeError, OSError, ValueError, TypeError):
         return np.empty(shape, dtype)
     skip = -np.frombuffer(mapped, np.uint8, 1).ctypes.data % HUGE_PAGE  # to a 2 MB boundary
     whole = nbytes // HUGE_PAGE * HUGE_PAGE
-    if whole and hasattr(mmap, "MADV_HUGEPAGE"):
+    if hasattr(mmap, "MADV_HUGEPAGE"):
         try:
             mapped.madvise(mmap.MADV_HUGEPAGE, skip, whole)
         except OSError:  # a kernel without huge pages: small ones it is
