@@ -411,6 +411,14 @@ def own_cpu_s() -> float:
     return t.user + t.system + t.children_user + t.children_system
 
 
+def machine(version: str, started: float, other_cpu_s: float) -> dict:
+    """What a run's figures depend on: the machine, this reader's version, the run's wall time since
+    `started` and the CPU time other processes took meanwhile."""
+    return {"cpus": os.cpu_count(), "python": platform.python_version(), "platform": platform.platform(),
+            "reader_version": version, "wall_s": time.perf_counter() - started,
+            "other_cpu_s": max(other_cpu_s, 0.0)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--frames", default="60", help="frames of the volume, or several sizes: 30,60,120,240")
@@ -454,9 +462,7 @@ def main() -> None:
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
     run = {"repeats": args.repeats, "page_cache": "warm", "sizes": reports, "goals": goals(reports),
-           "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
-                       "platform": platform.platform(), "reader_version": version,
-                       "wall_s": time.perf_counter() - started, "other_cpu_s": max(other_cpu_s, 0.0)}}
+           "machine": machine(version, started, other_cpu_s)}
     if args.json:
         print(json.dumps(run, indent=2))
     else:

@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -42,8 +40,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_dbt_open: the files and the machine
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's reader
 
-from bench_dbt_open import (KINDS, _status_kb, busy_cpu_s, frame_location, log, own_cpu_s,  # noqa: E402
-                            reader_version, write_files)
+from bench_dbt_open import (KINDS, _status_kb, busy_cpu_s, frame_location, log, machine,  # noqa: E402
+                            own_cpu_s, reader_version, write_files)
 
 # Goals of issue 15: at a steady 4 slices/s on a JPEG 2000 DBT >= 90% of slices shown without waiting
 # and a p95 wait <= 50 ms; uncompressed, the next slice ready within a display frame (16 ms); memory
@@ -214,9 +212,7 @@ def main() -> None:
     rows = measure(paths, args.frames, args.rows, args.cols, rates, args.dwell, args.repeats)
     other_cpu_s = (busy_cpu_s() - busy_before) - (own_cpu_s() - own_before)
     report = {"shape": [args.frames, args.rows, args.cols], "dwell": args.dwell, "repeats": args.repeats,
-              "rows": rows, "goals": goals(rows),
-              "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "reader_version": version,
-                          "wall_s": time.perf_counter() - started, "other_cpu_s": max(other_cpu_s, 0.0)}}
+              "rows": rows, "goals": goals(rows), "machine": machine(version, started, other_cpu_s)}
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -192,29 +192,41 @@ def _explicit_little(buffer: bytes) -> Iterator[RawDataElement]:
     same but its per-call set-up cost 15 us, a third of a frame's budget, for each of the ~240 items
     of a DBT header. An undefined-length sequence is walked to its delimiter and kept raw, as pydicom
     keeps a defined-length one; anything else unusual is left to pydicom."""
+    for _, tag, vr, length, start, stop, _ in _elements(buffer, (False, True)):
+        yield RawDataElement(BaseTag(tag), vr, length, buffer[start:stop], start, False, True)
+
+
+def _elements(buffer: Any, encoding: tuple[bool, bool]) -> Iterator[tuple[int, int, str | None, int, int, int, int]]:
+    """(header position, tag, VR (None in implicit VR), length, value start, value end, next position)
+    of each element at the top level of an item's value, reading headers only. An undefined-length
+    sequence's value ends before its delimiter; an undefined length on anything else, or a sequence
+    the walker cannot follow, raises :class:`_Unusual`."""
+    implicit, little = encoding
+    implicit_head, explicit_head, long_length = _HEADERS[little]
     position, end = 0, len(buffer)
     while position + 8 <= end:
-        group, elem = _TAG.unpack_from(buffer, position)
-        vr = buffer[position + 4:position + 6].decode("ascii")
-        if vr in _LONG_VRS:
-            (length,) = _LENGTH.unpack_from(buffer, position + 8)
-            start = position + 12
-        else:
-            (length,) = _SHORT_LENGTH.unpack_from(buffer, position + 6)
+        vr: str | None = None
+        if implicit:
+            group, elem, length = implicit_head.unpack_from(buffer, position)
             start = position + 8
-        if length == UNDEFINED and vr != "SQ":
-            raise _Unusual("an undefined-length value that is not a sequence")
+        else:
+            group, elem, vr_bytes, length = explicit_head.unpack_from(buffer, position)
+            vr, start = vr_bytes.decode("ascii"), position + 8
+            if vr in _LONG_VRS:
+                (length,) = long_length.unpack_from(buffer, position + 8)
+                start = position + 12
         stop = after = start + length
         if length == UNDEFINED:
+            if vr not in ("SQ", None):
+                raise _Unusual("an undefined-length value that is not a sequence")
             try:
-                stop, after = _undefined_end(buffer, start, (False, True), in_item=False)
+                stop, after = _undefined_end(buffer, start, encoding, in_item=False)
             except (ValueError, struct.error):
                 raise _Unusual("a sequence the walker cannot follow") from None
-        yield RawDataElement(BaseTag(group << 16 | elem), vr, length, buffer[start:stop], start, False, True)
+        yield position, group << 16 | elem, vr, length, start, stop, after
         position = after
 
 
-_TAG, _LENGTH, _SHORT_LENGTH = struct.Struct("<HH"), struct.Struct("<L"), struct.Struct("<H")
 # VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2)
 _LONG_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "SQ", "SV", "UC", "UN", "UR", "UT", "UV"}
 _VRS = ("AE AS AT CS DA DS DT FD FL IS LO LT OB OD OF OL OV OW PN SH SL SQ SS ST SV TM UC UI UL UN UR US "
@@ -426,25 +438,13 @@ def _element_bytes(raw: bytes, start: int, end: int, key: bytes, encoding: tuple
     """The whole encoded element (header and value, and its delimiter if it has undefined length)
     whose tag bytes are `key` at the top level of the item raw[start:end]; None if it is not there or
     the bytes cannot say."""
-    implicit, little = encoding
-    short, long = struct.Struct("<H" if little else ">H"), struct.Struct("<L" if little else ">L")
-    item, position = raw[start:end], 0
-    while position + 8 <= len(item):
-        if implicit:
-            (length,), value = long.unpack_from(item, position + 4), position + 8
-        elif item[position + 4:position + 6].decode("latin-1") in _LONG_VRS:
-            (length,), value = long.unpack_from(item, position + 8), position + 12
-        else:
-            (length,), value = short.unpack_from(item, position + 6), position + 8
-        after = value + length
-        if length == UNDEFINED:
-            try:
-                after = _undefined_end(item, value, encoding, in_item=False)[1]
-            except (ValueError, struct.error, _Unusual):
-                return None
-        if item[position:position + 4] == key:
-            return item[position:after]
-        position = after
+    item = raw[start:end]
+    try:
+        for position, _, _, _, _, _, after in _elements(item, encoding):
+            if item[position:position + 4] == key:
+                return item[position:after]
+    except (ValueError, struct.error, _Unusual):
+        return None
     return None
 
 
